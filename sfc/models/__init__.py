@@ -1,0 +1,9 @@
+"""Plain nn.Modules of SFC (SPEC §3): DeepLab-v2 SegNet, thin FlowNetS (also the SFM), warp,
+Accel. Nothing here reads files or needs a GPU at construction."""
+
+from .accel import Accel
+from .deeplab import DeepLabV2
+from .flownet import FlowNetS
+from .warp import warp
+
+__all__ = ["Accel", "DeepLabV2", "FlowNetS", "warp"]

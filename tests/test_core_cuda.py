@@ -1,0 +1,85 @@
+"""Models and losses on CUDA agree with CPU in float32 (needs a GPU; skipped otherwise)."""
+
+import copy
+
+import pytest
+import torch
+
+from sfc.losses import accel_sfc_loss, seg_loss, sfc_loss, sfm_loss
+from sfc.models import Accel, DeepLabV2, FlowNetS, warp
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """TF32 convolutions/matmuls would differ from CPU float32 by ~1e-3; compare true fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _close(cpu, gpu, what):
+    cpu, gpu = cpu.detach().double(), gpu.detach().cpu().double()
+    scale = cpu.abs().max().clamp(min=1e-12)
+    err = (cpu - gpu).abs().max() / scale
+    assert err < RTOL, f"{what}: max relative error {err.item():.2e}"
+
+
+def _pair(module):
+    return module.eval(), copy.deepcopy(module).cuda().eval()
+
+
+def test_models_cuda_match_cpu(small_backbone):
+    cpu, gpu = _pair(DeepLabV2(num_classes=15, multi_level=True, **small_backbone))
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        for a, b, n in zip(cpu(x), gpu(x.cuda()), ("main", "aux")):
+            _close(a, b, f"DeepLabV2 {n}")
+    cpu, gpu = _pair(FlowNetS())
+    x = torch.rand(2, 6, 65, 97)
+    with torch.no_grad():
+        _close(cpu(x), gpu(x.cuda()), "FlowNetS")
+    x, flow = torch.randn(2, 4, 17, 25), torch.randn(2, 2, 17, 25) * 4
+    _close(warp(x, flow), warp(x.cuda(), flow.cuda()), "warp")
+    cpu, gpu = _pair(Accel(num_classes=15, **small_backbone))
+    seg, flo = torch.randn(1, 3, 2, 64, 96), torch.rand(1, 3, 2, 64, 96)
+    with torch.no_grad():
+        _close(cpu(seg, flo), gpu(seg.cuda(), flo.cuda()), "Accel")
+
+
+def test_losses_cuda_match_cpu(small_backbone):
+    fg_c, fg_g = _pair(FlowNetS())
+    sfm_c, sfm_g = _pair(FlowNetS())
+    imgs = torch.rand(2, 2, 3, 64, 96)
+    results = []
+    for fg, sfm, dev in ((fg_c, sfm_c, "cpu"), (fg_g, sfm_g, "cuda")):
+        torch.manual_seed(3)
+        lp = torch.randn(2, 15, 8, 12).to(dev).requires_grad_()
+        lc = torch.randn(2, 15, 8, 12).to(dev).requires_grad_()
+        i0, i1 = imgs[0].to(dev), imgs[1].to(dev)
+        loss = sfc_loss(lp, lc, i0, i1, fg, sfm)
+        loss.backward()
+        gt = torch.randint(-1, 15, (2, 64, 96), generator=torch.Generator().manual_seed(4))
+        ce = seg_loss(lc, gt.to(dev))
+        sl = sfm_loss(i0, i1, gt.to(dev), gt.roll(3, 2).to(dev), fg, sfm,
+                      gt_down4x=gt[:, ::4, ::4].to(dev))
+        results.append((loss, lp.grad, lc.grad, ce, sl))
+    for a, b, n in zip(*results, ("sfc_loss", "d/dlogits_prev", "d/dlogits_cur", "seg_loss",
+                                  "sfm_loss")):
+        _close(a, b, n)
+    a_c, a_g = _pair(Accel(num_classes=5, **small_backbone))
+    seg3, flo3 = torch.randn(1, 3, 3, 64, 96), torch.rand(1, 3, 3, 64, 96)
+    out = []
+    for acc, fg, sfm, dev in ((a_c, fg_c, sfm_c, "cpu"), (a_g, fg_g, sfm_g, "cuda")):
+        s3, f3 = seg3.to(dev), flo3.to(dev)
+        loss = accel_sfc_loss(s3[:, :, 1:], f3[:, :, 1:], s3[:, :, :2], f3[:, :, :2], acc, fg, sfm)
+        loss.backward()
+        out.append((loss, acc.merge.weight.grad))
+    for a, b, n in zip(*out, ("accel_sfc_loss", "d/dmerge.weight")):
+        _close(a, b, n)
