@@ -1,0 +1,205 @@
+"""Synthetic VIPER / Cityscapes-Seq / SYNTHIA-Seq trees in the real on-disk layouts.
+
+    python -m sfc.data.synthetic --out data            # the demo's tree, a few seconds
+    python -m sfc.data.synthetic --out DIR --native    # frames at 1920×1080 / 2048×1024 / 1280×760
+
+From Python (tests, demo): ``generate(out_dir, seed=0, tiny=True)`` writes a tiny tree in well
+under a second. Same seed -> byte-identical files. Formats are the real ones: VIPER JPEG images
+and palette PNG labels (index = VIPER id, every frame labelled, annotated = multiples of 10),
+Cityscapes PNG sequence frames + 8-bit ``gtFine_labelIds`` for the frame ``…_000019``, SYNTHIA
+8-bit RGB PNGs + 16-bit 3-channel label PNGs (class id in R, instance ids in G/B).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sfc.data.scene import CANON, Scene
+from sfc.data.styles import (
+    CITYSCAPES_IDS,
+    CITYSCAPES_STYLE,
+    SYNTHIA_IDS,
+    SYNTHIA_STYLE,
+    VIPER_IDS,
+    VIPER_STYLE,
+)
+
+DATASETS = ("viper", "cityscapes", "synthia_seq")
+SIZES = {"viper": (256, 144), "cityscapes": (256, 128), "synthia_seq": (160, 95)}
+NATIVE_SIZES = {"viper": (1920, 1080), "cityscapes": (2048, 1024), "synthia_seq": (1280, 760)}
+TINY_SIZES = {"viper": (96, 54), "cityscapes": (96, 48), "synthia_seq": (64, 38)}
+DEFAULTS = dict(viper_seqs=6, viper_val_seqs=2, frames_per_seq=41, viper_first_frame=0,
+                cs_train=24, cs_val=12, cs_context=3, synthia_frames=60)
+TINY = dict(viper_seqs=2, viper_val_seqs=1, frames_per_seq=21, viper_first_frame=0,
+            cs_train=3, cs_val=2, cs_context=2, synthia_frames=12)
+TRAIN_CITIES, VAL_CITIES = ("aachen", "bochum", "bremen"), ("frankfurt", "lindau", "munster")
+
+
+def _lut(ids: dict[str, int]) -> np.ndarray:
+    return np.array([ids[n] for n in CANON], np.uint8)  # canonical class -> dataset id
+
+
+def _rngs(seed: int, *key: int):
+    """(scene rng, noise rng factory) for one video, independent of what else is written."""
+    return np.random.default_rng([seed, *key]), lambda t: np.random.default_rng([seed, *key, t])
+
+
+def _viper_palette() -> list[int]:
+    rng = np.random.default_rng(1234)
+    pal = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    pal[0] = 0
+    return pal.flatten().tolist()
+
+
+def write_viper(out: Path, seed: int, size, seqs: int, val_seqs: int, frames: int,
+                first: int, bar) -> int:
+    lut, pal, n = _lut(VIPER_IDS), _viper_palette(), 0
+    for si, (split, count) in enumerate((("train", seqs), ("val", val_seqs))):
+        for k in range(count):
+            seq = f"{k + 1:03d}"
+            scene_rng, noise = _rngs(seed, 0, si, k)
+            scene = Scene(scene_rng, ego="ego", riders=False)
+            for d in ("img", "cls"):
+                (out / split / d / seq).mkdir(parents=True, exist_ok=True)
+            for t in range(first, first + frames):
+                cls, _, rgb = scene.render(t, size[0], size[1], VIPER_STYLE, noise(t))
+                Image.fromarray(rgb).save(out / split / "img" / seq / f"{seq}_{t:05d}.jpg",
+                                          quality=92)
+                lab = Image.fromarray(lut[cls])
+                lab.putpalette(pal)  # mode 'P', index = VIPER id
+                lab.save(out / split / "cls" / seq / f"{seq}_{t:05d}.png")
+                n += 1
+                bar.update()
+    return n
+
+
+def write_cityscapes(out: Path, seed: int, size, n_train: int, n_val: int, context: int,
+                     bar) -> int:
+    lut, n, f = _lut(CITYSCAPES_IDS), 0, 19  # annotated: the 20th frame of a snippet
+    for si, (split, count, cities) in enumerate((("train", n_train, TRAIN_CITIES),
+                                                 ("val", n_val, VAL_CITIES))):
+        for k in range(count):
+            city, seq = cities[k % len(cities)], f"{k // len(cities):06d}"
+            scene_rng, noise = _rngs(seed, 1, si, k)
+            scene = Scene(scene_rng, ego="ego")
+            img_dir = out / "leftImg8bit_sequence" / split / city
+            gt_dir = out / "gtFine" / split / city
+            img_dir.mkdir(parents=True, exist_ok=True)
+            gt_dir.mkdir(parents=True, exist_ok=True)
+            for t in range(f - context, f + 1):
+                cls, _, rgb = scene.render(t, size[0], size[1], CITYSCAPES_STYLE, noise(t))
+                Image.fromarray(rgb).save(img_dir / f"{city}_{seq}_{t:06d}_leftImg8bit.png",
+                                          compress_level=1)  # fast zlib level, same format
+                if t == f:
+                    Image.fromarray(lut[cls]).save(gt_dir / f"{city}_{seq}_{t:06d}"
+                                                   "_gtFine_labelIds.png")
+                n += 1
+                bar.update()
+    return n
+
+
+def write_synthia(out: Path, seed: int, size, frames: int, layout: str, bar) -> int:
+    rgb_dir, lab_dir = ((out / "RGB/Stereo_Left/Omni_F", out / "GT/LABELS/Stereo_Left/Omni_F")
+                        if layout == "original" else (out / "rgb", out / "label"))
+    rgb_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    lut = _lut(SYNTHIA_IDS).astype(np.uint16)
+    scene_rng, noise = _rngs(seed, 2, 0, 0)
+    scene = Scene(scene_rng, ego=None)
+    for t in range(frames):
+        cls, inst, rgb = scene.render(t, size[0], size[1], SYNTHIA_STYLE, noise(t))
+        Image.fromarray(rgb).save(rgb_dir / f"{t:06d}.png", compress_level=1)
+        ids = lut[cls]
+        # OpenCV writes BGR: B, G = instance-like junk (nonzero, as in the real files), R = class
+        junk = (inst.astype(np.uint32) * 97 + ids * 1000 + 1).astype(np.uint16)
+        cv2.imwrite(str(lab_dir / f"{t:06d}.png"), np.dstack([junk, inst, ids]))
+        bar.update()
+    return frames
+
+
+def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, tiny: bool = False,
+             sizes: dict | None = None, synthia_layout: str = "original", progress: bool = False,
+             **counts) -> dict[str, int]:
+    """Write the synthetic trees under ``out_dir`` (``VIPER/``, ``Cityscapes/``,
+    ``SynthiaSeq/SEQS-04-DAWN/``); returns the number of frames written per dataset.
+
+    ``counts`` override the defaults (``DEFAULTS``, or ``TINY`` with ``tiny=True``): viper_seqs,
+    viper_val_seqs, frames_per_seq, viper_first_frame, cs_train, cs_val, cs_context,
+    synthia_frames. ``sizes`` maps a dataset name to (W, H).
+    """
+    unknown = set(counts) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown generate() arguments {sorted(unknown)}")
+    bad = set(datasets) - set(DATASETS)
+    if bad:
+        raise ValueError(f"unknown datasets {sorted(bad)}; expected some of {DATASETS}")
+    if synthia_layout not in ("original", "flat"):
+        raise ValueError(f"synthia_layout must be 'original' or 'flat', got {synthia_layout!r}")
+    c = {**(TINY if tiny else DEFAULTS), **counts}
+    sz = {**(NATIVE_SIZES if native else TINY_SIZES if tiny else SIZES), **(sizes or {})}
+    out = Path(out_dir)
+    total = (c["frames_per_seq"] * (c["viper_seqs"] + c["viper_val_seqs"]) * ("viper" in datasets)
+             + (c["cs_context"] + 1) * (c["cs_train"] + c["cs_val"]) * ("cityscapes" in datasets)
+             + c["synthia_frames"] * ("synthia_seq" in datasets))
+    written = {}
+    with tqdm(total=total, desc="synthetic frames", disable=not progress) as bar:
+        if "viper" in datasets:
+            written["viper"] = write_viper(out / "VIPER", seed, sz["viper"], c["viper_seqs"],
+                                           c["viper_val_seqs"], c["frames_per_seq"],
+                                           c["viper_first_frame"], bar)
+        if "cityscapes" in datasets:
+            written["cityscapes"] = write_cityscapes(out / "Cityscapes", seed, sz["cityscapes"],
+                                                     c["cs_train"], c["cs_val"], c["cs_context"],
+                                                     bar)
+        if "synthia_seq" in datasets:
+            written["synthia_seq"] = write_synthia(out / "SynthiaSeq" / "SEQS-04-DAWN", seed,
+                                                   sz["synthia_seq"], c["synthia_frames"],
+                                                   synthia_layout, bar)
+    return written
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sfc.data.synthetic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="data root to write (VIPER/, Cityscapes/, ...)")
+    p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
+                   help="which trees to write")
+    p.add_argument("--native", action="store_true",
+                   help="write at the real sizes 1920x1080 / 2048x1024 / 1280x760")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny preset")
+    p.add_argument("--synthia-layout", choices=("original", "flat"), default="original",
+                   help="SYNTHIA folders: RGB/Stereo_Left/Omni_F (original) or rgb/ + label/")
+    for ds in DATASETS:
+        p.add_argument(f"--{ds.replace('_', '-')}-size", type=_size, metavar="WxH",
+                       help=f"{ds} frame size (default {SIZES[ds][0]}x{SIZES[ds][1]})")
+    p.add_argument("--viper-seqs", type=int, help="VIPER train sequences (default 6)")
+    p.add_argument("--viper-val-seqs", type=int, help="VIPER val sequences (default 2)")
+    p.add_argument("--frames-per-seq", type=int, help="VIPER frames per sequence (default 41)")
+    p.add_argument("--viper-first-frame", type=int, help="first VIPER frame number (default 0)")
+    p.add_argument("--cs-train", type=int, help="Cityscapes train annotated frames (default 24)")
+    p.add_argument("--cs-val", type=int, help="Cityscapes val annotated frames (default 12)")
+    p.add_argument("--cs-context", type=int,
+                   help="Cityscapes sequence frames written before each annotated one (default 3)")
+    p.add_argument("--synthia-frames", type=int, help="SYNTHIA-Seq frames (default 60)")
+    a = p.parse_args(argv)
+    counts = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k) is not None}
+    sizes = {ds: getattr(a, f"{ds}_size") for ds in DATASETS if getattr(a, f"{ds}_size")}
+    n = generate(a.out, seed=a.seed, datasets=a.datasets, native=a.native, tiny=a.tiny,
+                 sizes=sizes, synthia_layout=a.synthia_layout, progress=True, **counts)
+    print(f"wrote {n} frames under {a.out}")
+
+
+if __name__ == "__main__":
+    main()
