@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# SFC stage one, 'reference' SegNet: as update.sh with seed 1 (SPEC §5, quirk 4).
+# Run dir: $SFC_OUT/$SOURCE/SFC/stage_one/reference.  Extra arguments override (e.g. --iters 200 --eval-every 100).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../../../common.sh"
+
+ARGS=(
+  --stage segnet            # single-frame DeepLab-v2 ResNet-101, multi-level (CE + 0.1 CE_aux)
+  --seed 1                  # update runs seed 0, reference runs seed 1 (quirk 4)
+  --iters 120000
+  --eval-every 2000         # Cityscapes-val mIoU of the main head on frame f
+  --lr 2.5e-4               # poly: 2.5e-4 (1 - i/120000)^0.9; classifiers 10x
+  --momentum 0.9 --weight-decay 5e-4
+  --optimizer release       # the release's duplicated backbone parameters (SPEC 3.1)
+  --batch-size 1            # one source clip (+ one target clip) per step
+  --sfc-weight 0.005
+  --scale 100               # softmax scale of the soft masks
+)
+imagenet_init "$@"
+need_run --flownet-ckpt "$(run_dir FlowNet_pretrain/stage_two/train)" \
+  FlowNet_pretrain/stage_two/script/train.sh "$@"
+need_run --sfm-ckpt "$(run_dir SFM/train)" SFM/script/train.sh "$@"
+run_train "$(run_dir SFC/stage_one/reference)" "$@"

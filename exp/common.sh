@@ -1,0 +1,89 @@
+# Shared logic of the seven stage scripts (sourced, not run). Each script sets ARGS (the
+# paper's hyper-parameters for `python -m sfc.train`), names the earlier runs it needs, then
+# calls `run_train OUT_DIR "$@"`.
+#
+# Environment (all optional):
+#   SFC_DATA     data root with VIPER/, Cityscapes/, SynthiaSeq/   (default <repo>/data)
+#   SFC_WEIGHTS  pretrained weights                                (default <repo>/model_weights)
+#   SFC_OUT      run directories, mirroring exp/                   (default <repo>/save_results)
+#   SOURCE       viper (default) or synthia_seq
+#   PYTHON       interpreter (default <repo>/.venv/bin/python if present, else python3)
+#   LAUNCH       launcher, e.g. "torchrun --nproc_per_node=4" (default: $PYTHON)
+#   DRY_RUN=1    print the command instead of running it
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SFC_DATA="${SFC_DATA:-$REPO/data}"
+SFC_WEIGHTS="${SFC_WEIGHTS:-$REPO/model_weights}"
+SFC_OUT="${SFC_OUT:-$REPO/save_results}"
+SOURCE="${SOURCE:-viper}"
+DRY_RUN="${DRY_RUN:-0}"
+case "$SOURCE" in
+  viper | synthia_seq) ;;
+  *) echo "error: SOURCE must be viper or synthia_seq, got '$SOURCE'" >&2; exit 2 ;;
+esac
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+LAUNCH="${LAUNCH:-$PYTHON}"
+
+# run_dir RELPATH -> $SFC_OUT/$SOURCE/RELPATH (RELPATH mirrors exp/ without script/)
+run_dir() { echo "$SFC_OUT/$SOURCE/$1"; }
+
+# has_flag FLAG ARGS... -> true if FLAG is among ARGS (the script's "$@" overrides)
+has_flag() {
+  local f="$1"; shift
+  local a
+  for a in "$@"; do [[ "$a" == "$f" || "$a" == "$f="* ]] && return 0; done
+  return 1
+}
+
+fail_or_note() {  # in a dry run, a missing input is only reported
+  if [[ "$DRY_RUN" == 1 ]]; then echo "note (dry run): $1" >&2; else echo "error: $1" >&2; exit 1; fi
+}
+
+# need_run FLAG DIR PRODUCER ARGS... : adds "FLAG DIR" to ARGS; DIR must hold best.pt or
+# last.pt, else the error names the script that produces it. Skipped when "$@" passes FLAG.
+need_run() {
+  local flag="$1" dir="$2" producer="$3"; shift 3
+  has_flag "$flag" "$@" && return 0
+  if [[ ! -f "$dir/best.pt" && ! -f "$dir/last.pt" ]]; then
+    fail_or_note "missing $dir/best.pt — run exp/$producer first (SOURCE=$SOURCE)"
+  fi
+  ARGS+=("$flag" "$dir")
+}
+
+# imagenet_init ARGS... : the DeepLab-v2 ImageNet init, unless "$@" passes --imagenet-init
+imagenet_init() {
+  has_flag --imagenet-init "$@" && return 0
+  local f
+  for f in DeepLab_resnet_pretrained_init-f81d91e8.pth DeepLab_resnet_pretrained_imagenet.pth; do
+    if [[ -f "$SFC_WEIGHTS/$f" ]]; then ARGS+=(--imagenet-init "$SFC_WEIGHTS/$f"); return 0; fi
+  done
+  fail_or_note "no ImageNet init in $SFC_WEIGHTS: put DeepLab_resnet_pretrained_init-f81d91e8.pth \
+(DeepLab-v2 init) or ADVENT's release asset DeepLab_resnet_pretrained_imagenet.pth there (see \
+README), or pass --imagenet-init none for a random init"
+  ARGS+=(--imagenet-init "$SFC_WEIGHTS/DeepLab_resnet_pretrained_init-f81d91e8.pth")
+}
+
+# chairs_init ARGS... : the Flying Chairs FlowNetS, unless "$@" passes --chairs-init
+chairs_init() {
+  has_flag --chairs-init "$@" && return 0
+  local f="$SFC_WEIGHTS/flownet_flyingchairs_pretrained.pth"
+  [[ -f "$f" ]] || fail_or_note "missing $f: take flownet_flyingchairs_pretrained.pth from the \
+authors' GitHub repository (EdenHazardan/SFC, model_weights/; see README), or pass \
+--chairs-init none for a random init"
+  ARGS+=(--chairs-init "$f")
+}
+
+# run_train OUT_DIR ARGS... : python -m sfc.train with ARGS, then the script's "$@" (later
+# flags override earlier ones)
+run_train() {
+  local out="$1"; shift
+  local -a cmd
+  read -r -a cmd <<< "$LAUNCH"
+  cmd+=(-m sfc.train "${ARGS[@]}" --source "$SOURCE" --data "$SFC_DATA" --out "$out" "$@")
+  echo "+ ${cmd[*]}"
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  mkdir -p "$out"
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}"
+}

@@ -1,0 +1,288 @@
+"""The three stage kinds of the SFC pipeline (SPEC §5); each says only what differs.
+
+| kind   | runs                           | trains                                | monitor |
+|--------|--------------------------------|---------------------------------------|---------|
+| segnet | FlowNet_pretrain/SFC stage one | DeepLab-v2 multi-level (heads 10×)    | mIoU    |
+| accel  | FlowNet_pretrain/SFC stage two | merge, flownet, both layer6 (1 group) | mIoU    |
+| sfm    | SFM                            | the SFM (Adam)                        | EPE     |
+
+`sfc_weight > 0` adds the SFC loss on target video (segnet: 0.005, accel: 0.001), for which the
+frozen `flownet_global` and SFM are loaded. A stage builds its networks, loads their inits,
+declares the optimiser and the LR used at each (0-based) iteration, runs one training step
+(source and target losses back-propagated separately; the engine then takes one optimiser
+step) and validates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from sfc import checkpoints, inputs, losses, optim
+from sfc.evaluation.core import evaluate_accel, evaluate_segnet, evaluate_sfm
+from sfc.models import Accel, DeepLabV2, FlowNetS
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, term: str, value: float):
+        super().__init__(f"non-finite loss term {term!r} = {value}")
+        self.term, self.value = term, value
+
+
+def _checked(term: str, loss: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLoss(term, float(loss.detach().float().item()))
+    return loss
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class Stage:
+    kind = ""
+    monitor = "miou"  # or "epe"
+    higher_is_better = True
+    main_nets: tuple[str, ...] = ()  # networks saved in best.pt / last.pt
+
+    def __init__(self, cfg, device: torch.device, log=print):
+        self.cfg = cfg
+        self.device = device
+        self.log = log
+        self.nets: dict[str, nn.Module] = {}
+        self.sfc = cfg.sfc_weight > 0
+
+    # -- shared helpers -----------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.amp == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _load_frozen_flow_nets(self) -> None:
+        """flownet_global (FlowNet_pretrain stage-two FlowNet) and SFM, frozen, eval mode."""
+        fg, sfm = FlowNetS(), FlowNetS()
+        p = inputs.resolve(self.cfg.flownet_ckpt, self.cfg.select, "flownet")
+        self.log(f"flownet_global <- {inputs.load_flownet_into(fg, p)}")
+        p = inputs.resolve(self.cfg.sfm_ckpt, self.cfg.select, "sfm")
+        self.log(f"SFM <- {inputs.load_sfm_into(sfm, p)}")
+        self.nets["flownet_global"] = _frozen(fg)
+        self.nets["sfm"] = _frozen(sfm)
+
+    def to(self, device) -> Stage:
+        for name, net in self.nets.items():
+            net.to(device)
+            if self.cfg.channels_last and device.type == "cuda":
+                self.nets[name] = net.to(memory_format=torch.channels_last)
+        return self
+
+    def saved_state(self) -> dict:
+        return {k: v.state_dict() for k, v in self.nets.items()}
+
+    def load_saved_state(self, models: dict) -> None:
+        for k, v in self.nets.items():
+            v.load_state_dict(models[k], strict=True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def set_iteration_lr(self, i: int) -> float:
+        lr = self.lr_at(i)
+        optim.set_lr(self.optimizer, lr)
+        return lr
+
+    def train_mode(self) -> None:
+        """Quirk 2: the trained network is in train mode (BN batch statistics), frozen
+        backbones included; flownet_global and the SFM (no BN) stay in eval mode."""
+        for name, net in self.nets.items():
+            net.train(name in self.main_nets)
+
+    def _sgd(self, groups):
+        return optim.make_sgd(groups, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                              weight_decay=self.cfg.weight_decay)
+
+
+class SegNetStage(Stage):
+    """Single-frame DeepLab-v2 (multi-level): `CE + 0.1·CE_aux` on source frame t
+    [+ sfc_weight · SFC stage-one loss on target frames (t-1, t)]. Poly LR."""
+
+    kind = "segnet"
+    main_nets = ("segnet",)
+
+    def __init__(self, cfg, device, log=print):
+        super().__init__(cfg, device, log)
+        net = DeepLabV2(cfg.num_classes, multi_level=True, layers=tuple(cfg.layers),
+                        width=cfg.width)
+        init = inputs.maybe_init(cfg.imagenet_init, "imagenet")
+        if init is not None:
+            digest = checkpoints.load_deeplab_init(net, init)
+            log(f"segnet <- ImageNet init {init} (sha256 {digest})")
+        else:
+            log("segnet: random init (--imagenet-init none)")
+        self.nets["segnet"] = net
+        if self.sfc:
+            self._load_frozen_flow_nets()
+        self.to(device)
+        groups = optim.segnet_param_groups(self.nets["segnet"], cfg.lr,
+                                           release=cfg.optimizer == "release")
+        self.optimizer = self._sgd(groups)
+
+    def lr_at(self, i: int) -> float:
+        return optim.poly_lr(i, self.cfg.lr, self.cfg.iters)
+
+    def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
+        net = self.nets["segnet"]
+        seg = src["seg"]  # (B, 3, T, H, W), SegNet-normalised
+        out = {}
+        if self.sfc and self.cfg.source_prev_forward:
+            # Quirk 7: the release also runs source frame t-1 (output unused); its only effect
+            # is one more BN running-statistics update. Kept, under no_grad.
+            with torch.no_grad(), self.autocast():
+                net(seg[:, :, -2])
+        with self.autocast():
+            l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
+        l_seg.backward()
+        out["seg"] = float(l_seg.detach())
+        if self.sfc:
+            t_seg, t_flow = tgt["seg"], tgt["flow"]
+            with self.autocast():
+                lp = net(t_seg[:, :, -2])
+                lc = net(t_seg[:, :, -1])
+                l_sfc = _checked("sfc", losses.sfc_loss(
+                    lp, lc, t_flow[:, :, -2], t_flow[:, :, -1], self.nets["flownet_global"],
+                    self.nets["sfm"], scale=self.cfg.scale))
+            (self.cfg.sfc_weight * l_sfc).backward()
+            out["sfc"] = float(l_sfc.detach())
+        return out
+
+    def validate(self, loader, progress=True) -> dict:
+        return evaluate_segnet(self.nets["segnet"], loader, self.cfg.num_classes,
+                               self.cfg.eval_ids, device=self.device, progress=progress,
+                               amp=self.cfg.amp)
+
+    @torch.no_grad()
+    def predict_logits(self, batch) -> torch.Tensor:
+        out = self.nets["segnet"](batch["seg"][:, :, -1])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def sf_logits_pair(self, batch):
+        net = self.nets["segnet"]
+        return net(batch["seg"][:, :, -2])[0], net(batch["seg"][:, :, -1])[0]
+
+
+class AccelStage(Stage):
+    """Accel: source CE on frame t from clip (t-1, t) [+ sfc_weight · SFC stage-two loss on the
+    3-frame target sample]. One SGD group (merge, flownet, both layer6); warm-up LR with the
+    release's ordering (`--warmup-order after` for FlowNet_pretrain, `before` for SFC)."""
+
+    kind = "accel"
+    main_nets = ("accel",)
+
+    def __init__(self, cfg, device, log=print):
+        super().__init__(cfg, device, log)
+        accel = Accel(cfg.num_classes, layers=tuple(cfg.layers), width=cfg.width)
+        for sub, arg, what in (("net_update", cfg.update_ckpt, "update"),
+                               ("net_ref", cfg.reference_ckpt, "reference")):
+            if arg is None:
+                raise ValueError(f"the accel stage needs --{what}-ckpt (a stage-one run)")
+            p = inputs.resolve(arg, cfg.select, what)
+            log(f"accel.{sub} <- {inputs.load_segnet_into(getattr(accel, sub), p)}")
+        init = inputs.maybe_init(cfg.chairs_init, "chairs")
+        if init is not None:
+            digest = checkpoints.load_flownet_chairs(accel.flownet, init)
+            log(f"accel.flownet <- Flying Chairs {init} (sha256 {digest})")
+        else:
+            log("accel.flownet: random init (--chairs-init none)")
+        optim.freeze_accel_backbones(accel)
+        self.nets["accel"] = accel
+        if self.sfc:
+            self._load_frozen_flow_nets()
+        self.to(device)
+        self.optimizer = self._sgd(optim.accel_param_groups(self.nets["accel"], cfg.lr))
+
+    def lr_at(self, i: int) -> float:
+        rule = (optim.flownet_pretrain_stage_two_lr if self.cfg.warmup_order == "after"
+                else optim.sfc_stage_two_lr)
+        return rule(i, self.cfg.lr, self.cfg.warmup_lr, self.cfg.warmup_iters)
+
+    def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
+        accel = self.nets["accel"]
+        with self.autocast():
+            logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
+            l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
+        l_seg.backward()
+        out = {"seg": float(l_seg.detach())}
+        if self.sfc:
+            s, f = tgt["seg"], tgt["flow"]  # (B, 3, 3, H, W): frames t-2, t-1, t
+            if s.shape[2] != 3:
+                raise ValueError(f"SFC stage two needs 3-frame target clips, got {s.shape[2]}")
+            with self.autocast():
+                l_sfc = _checked("sfc", losses.accel_sfc_loss(
+                    s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,
+                    self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale))
+            (self.cfg.sfc_weight * l_sfc).backward()
+            out["sfc"] = float(l_sfc.detach())
+        return out
+
+    def validate(self, loader, progress=True) -> dict:
+        return evaluate_accel(self.nets["accel"], loader, self.cfg.num_classes,
+                              self.cfg.eval_ids, device=self.device, progress=progress,
+                              amp=self.cfg.amp)
+
+    @torch.no_grad()
+    def predict_logits(self, batch) -> torch.Tensor:
+        return self.nets["accel"](batch["seg"][:, :, -2:], batch["flow"][:, :, -2:])
+
+
+class SFMStage(Stage):
+    """SFM pre-training on the source: SFM and flownet_global both start from the FlowNet of
+    FlowNet_pretrain stage two; Adam (L2 weight decay), constant LR; monitor source-val EPE."""
+
+    kind = "sfm"
+    monitor = "epe"
+    higher_is_better = False
+    main_nets = ("sfm",)
+
+    def __init__(self, cfg, device, log=print):
+        super().__init__(cfg, device, log)
+        sfm, fg = FlowNetS(), FlowNetS()
+        p = inputs.resolve(cfg.flownet_ckpt, cfg.select, "flownet")
+        log(f"SFM <- {inputs.load_flownet_into(sfm, p)}")
+        log(f"flownet_global <- {inputs.load_flownet_into(fg, p)}")
+        self.nets["sfm"] = sfm
+        self.nets["flownet_global"] = _frozen(fg)
+        self.to(device)
+        self.optimizer = optim.make_adam(self.nets["sfm"].parameters(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
+
+    def lr_at(self, i: int) -> float:
+        return optim.constant_lr(i, self.cfg.lr)
+
+    def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
+        f = src["flow"]  # (B, 3, T, H, W), flow-normalised
+        with self.autocast():
+            loss = _checked("sfm", losses.sfm_loss(
+                f[:, :, -2], f[:, :, -1], src["label_prev"], src["label"],
+                self.nets["flownet_global"], self.nets["sfm"], gt_down4x=src["label_down4x"]))
+        loss.backward()
+        return {"sfm": float(loss.detach())}
+
+    def validate(self, loader, progress=True) -> dict:
+        return evaluate_sfm(self.nets["sfm"], self.nets["flownet_global"], loader,
+                            device=self.device, progress=progress, amp=self.cfg.amp)
+
+
+STAGES = {"segnet": SegNetStage, "accel": AccelStage, "sfm": SFMStage}
+
+
+def build_stage(cfg, device, log=print) -> Stage:
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown stage {cfg.stage!r}; expected one of {sorted(STAGES)}")
+    return STAGES[cfg.stage](cfg, device, log)
+
+
+__all__ = ["NonFiniteLoss", "STAGES", "Stage", "build_stage"]

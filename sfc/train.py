@@ -1,0 +1,173 @@
+"""`python -m sfc.train --stage {segnet,accel,sfm} ...` — one run of the SFC pipeline.
+
+The exp/**/script/*.sh recipes call this with the paper's hyper-parameters spelled out; every
+flag below defaults to the release's value. Later flags override earlier ones, so a script's
+"$@" can override what it sets. Launching the same command again resumes from `OUT/last.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from sfc.data import get_protocol, make_dataset
+
+SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
+SOURCE_SIZES = {"viper": (1280, 720), "synthia_seq": (1280, 640)}
+# stage → (lr, weight decay, eval every) of the release (SPEC §5)
+STAGE_DEFAULTS = {"segnet": (2.5e-4, 5e-4, 2000), "accel": (5e-4, 5e-4, 2000),
+                  "sfm": (1e-4, 4e-4, 4000)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sfc.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
+    a = p.add_argument
+    a("--stage", required=True, choices=["segnet", "accel", "sfm"],
+      help="stage kind: single-frame SegNet (stage one), Accel (stage two) or SFM")
+    a("--source", default="viper", choices=sorted(SOURCES),
+      help="source dataset; sets the classes (15 / 12) and the Cityscapes class map")
+    a("--data", default="data", help="data root holding VIPER/, Cityscapes/, SynthiaSeq/")
+    a("--out", required=True, help="run directory (resumed if it holds last.pt)")
+    a("--iters", type=int, default=None,
+      help="training iterations (default 80000; SFC stage one 120000, stage two 160000 — "
+           "the scripts pass them)")
+    a("--eval-every", type=int, default=None,
+      help="validate and write last.pt every N iterations (default 2000; SFM 4000)")
+    a("--log-every", type=int, default=50, help="log training losses every N iterations")
+    a("--lr", type=float, default=None,
+      help="base LR (segnet 2.5e-4 poly, heads 10x; accel 5e-4 after warm-up; sfm Adam 1e-4)")
+    a("--warmup-lr", type=float, default=5e-5, help="accel: LR during the warm-up")
+    a("--warmup-iters", type=int, default=1000, help="accel: warm-up length")
+    a("--warmup-order", choices=["after", "before"], default=None,
+      help="accel: the release sets the LR after each step in FlowNet_pretrain stage two "
+           "('after': first step at --lr) and before it in SFC stage two ('before'); default "
+           "after without SFC, before with it")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=None,
+      help="L2 weight decay (SGD 5e-4; SFM Adam 4e-4, added to the gradient, not AdamW)")
+    a("--optimizer", choices=["release", "clean"], default="release",
+      help="segnet: 'release' updates most backbone tensors 3-4x per step as the release's "
+           "duplicated parameter list does (SPEC 3.1); 'clean' once")
+    a("--sfc-weight", type=float, default=0.0,
+      help="weight of the SFC loss on target video (0: source only; paper 0.005 stage one, "
+           "0.001 stage two)")
+    a("--scale", type=float, default=100.0, help="softmax scale of the soft masks")
+    a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
+      help="SFC stage one: skip the release's unused forward of source frame t-1 (quirk 7; "
+           "it only moves BN statistics)")
+    a("--seed", type=int, default=0, help="seed of Python/NumPy/torch and of the data orders")
+    a("--select", choices=["best", "last"], default="best",
+      help="which checkpoint of an earlier run directory to consume (quirk 1: best)")
+    a("--batch-size", type=int, default=1, help="clips per domain per process (paper 1)")
+    a("--source-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+      help="source resize (VIPER 1280 720; SYNTHIA-Seq 1280 640 after the crop)")
+    a("--target-size", type=int, nargs=2, metavar=("W", "H"), default=(1024, 512),
+      help="Cityscapes resize (train and val)")
+    a("--layers", type=int, nargs=4, default=(3, 4, 23, 3), help="ResNet block counts")
+    a("--width", type=int, default=64, help="ResNet stem width")
+    a("--imagenet-init", default=None,
+      help="segnet: DeepLab-v2 ImageNet init file, or 'none' for random init")
+    a("--chairs-init", default=None,
+      help="accel: Flying Chairs FlowNetS file for Accel's FlowNet, or 'none'")
+    a("--update-ckpt", default=None, help="accel: stage-one 'update' run dir or checkpoint")
+    a("--reference-ckpt", default=None, help="accel: stage-one 'reference' run dir/checkpoint")
+    a("--flownet-ckpt", default=None,
+      help="FlowNet_pretrain stage-two run dir/checkpoint (flownet_global; SFM init)")
+    a("--sfm-ckpt", default=None, help="SFM run dir/checkpoint (SFC stages)")
+    a("--source-list", default=None, help="list file of source training clips")
+    a("--val-list", default=None,
+      help="list file of validation clips (e.g. the release's data/viper_list/val.txt for "
+           "the SFM stage)")
+    a("--synthia-val-frames", type=int, default=50,
+      help="SFM on SYNTHIA-Seq: the last N annotated frames are held out as source val")
+    a("--val-limit", type=int, default=None, help="evaluate only the first N val clips")
+    a("--num-workers", type=int, default=4, help="data-loader workers per loader")
+    a("--device", default=None, help="cuda / cpu (default: cuda:LOCAL_RANK if available)")
+    a("--amp", choices=["none", "bf16"], default="none", help="autocast (CUDA); fp32 default")
+    a("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    a("--stop-after", type=int, default=-1,
+      help="stop (saving last.pt) after this iteration, as an interrupt would; for tests")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill stage/source-dependent defaults; check the inputs each stage needs."""
+    lr, wd, every = STAGE_DEFAULTS[args.stage]
+    args.lr = lr if args.lr is None else args.lr
+    args.weight_decay = wd if args.weight_decay is None else args.weight_decay
+    args.eval_every = every if args.eval_every is None else args.eval_every
+    args.iters = 80000 if args.iters is None else args.iters
+    args.num_classes = SOURCES[args.source]
+    args.eval_ids = [int(i) for i in get_protocol(args.num_classes).eval_ids]
+    args.source_size = list(args.source_size or SOURCE_SIZES[args.source])
+    args.target_size = list(args.target_size)
+    args.layers = list(args.layers)
+    if args.warmup_order is None:
+        args.warmup_order = "before" if args.sfc_weight > 0 else "after"
+    if args.iters < 1 or args.eval_every < 1:
+        raise SystemExit("--iters and --eval-every must be >= 1")
+    need = {"accel": ["update_ckpt", "reference_ckpt"], "sfm": ["flownet_ckpt"]}.get(
+        args.stage, [])
+    if args.sfc_weight > 0 and args.stage != "sfm":
+        need += ["flownet_ckpt", "sfm_ckpt"]
+    missing = [n for n in need if getattr(args, n) is None]
+    if missing:
+        raise SystemExit(f"stage {args.stage} (sfc weight {args.sfc_weight}) needs "
+                         + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.stage == "segnet" and args.imagenet_init is None:
+        raise SystemExit("stage segnet needs --imagenet-init PATH (or 'none' for random init)")
+    if args.stage == "accel" and args.chairs_init is None:
+        raise SystemExit("stage accel needs --chairs-init PATH (or 'none' for random init)")
+    return args
+
+
+@dataclass
+class Data:
+    source: object
+    target: object | None
+    val: object
+    protocol: object | None
+
+
+def build_data(cfg) -> Data:
+    c = cfg.num_classes
+    src_kw = {"frames": 2, "size": tuple(cfg.source_size), "list_file": cfg.source_list}
+    protocol = get_protocol(c)
+    if cfg.stage == "sfm":
+        src_kw["prev_label"] = True
+        if cfg.source == "synthia_seq":
+            # No SYNTHIA-Seq source val split: hold out the last N annotated frames (docs).
+            n = cfg.synthia_val_frames
+            source = make_dataset("synthia_seq", cfg.data, split="train", holdout_val=True,
+                                  val_frames=n, **src_kw)
+            val = make_dataset("synthia_seq", cfg.data, split="val", val_frames=n,
+                               frames=2, size=tuple(cfg.source_size), prev_label=True)
+        else:
+            source = make_dataset("viper", cfg.data, split="train", **src_kw)
+            val = make_dataset("viper", cfg.data, split="val", frames=2,
+                               size=tuple(cfg.source_size), prev_label=True,
+                               list_file=cfg.val_list)
+        return Data(source, None, val, None)
+    source = make_dataset(cfg.source, cfg.data, split="train", **src_kw)
+    target = None
+    if cfg.sfc_weight > 0:
+        frames = 3 if cfg.stage == "accel" else 2  # SFC stage two: (t-2, t-1, t)
+        target = make_dataset("cityscapes", cfg.data, split="train", frames=frames,
+                              size=tuple(cfg.target_size), classes=c)
+    val = make_dataset("cityscapes", cfg.data, split="val", frames=2,
+                       size=tuple(cfg.target_size), classes=c, list_file=cfg.val_list)
+    return Data(source, target, val, protocol)
+
+
+def main(argv=None) -> int:
+    args = resolve(build_parser().parse_args(argv))
+    from sfc.engine import train
+
+    return train(args, build_data(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

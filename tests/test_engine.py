@@ -1,0 +1,209 @@
+"""The training engine: resume equality, finished runs, atomic checkpoints, non-finite losses."""
+
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+from sfc import runio, train
+
+TINY = ["--layers", "1", "1", "1", "1", "--width", "8", "--source-size", "64", "32",
+        "--target-size", "64", "32", "--num-workers", "0", "--val-limit", "2",
+        "--imagenet-init", "none", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from sfc.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=0, tiny=True, datasets=("viper", "cityscapes"))
+    return root
+
+
+def _segnet(data_root, out, *extra):
+    return train.main(["--stage", "segnet", "--data", str(data_root), "--out", str(out),
+                       *TINY, *extra])
+
+
+def _models(path):
+    return runio.load_checkpoint(path)["models"]
+
+
+def test_resume_equals_uninterrupted(data_root, tmp_path):
+    common = ["--iters", "4", "--eval-every", "4", "--seed", "3"]
+    assert _segnet(data_root, tmp_path / "a", *common) == 0
+    # interrupted after 2 iterations (as SIGINT would), then the same command again resumes
+    b = tmp_path / "b"
+    assert _segnet(data_root, b, *common, "--stop-after", "2") == 0
+    ck = runio.load_checkpoint(b / "last.pt")
+    assert ck["iter"] == 2 and not (b / "result.json").exists()
+    assert ck["streams"]["source"]["consumed"] >= 1 and "rng" in ck
+    assert _segnet(data_root, b, *common, "--stop-after", "2") == 0
+    ma, mb = _models(tmp_path / "a" / "last.pt"), _models(b / "last.pt")
+    for k, v in ma["segnet"].items():
+        assert torch.equal(v, mb["segnet"][k]), k  # parameters and BN statistics
+    ra = json.loads((tmp_path / "a" / "result.json").read_text())
+    rb = json.loads((b / "result.json").read_text())
+    assert ra == rb
+    assert ra["stage"] == "segnet" and ra["monitor"] == "miou" and ra["last"]["iter"] == 4
+    assert 0.0 <= ra["last"]["value"] <= 1.0 and len(ra["per_class_last"]) == 15
+    log = (b / "log.txt").read_text()
+    assert "resumed from" in log and "at iteration 2" in log
+    # training moved the parameters away from the (seeded) initialisation
+    from sfc.models import DeepLabV2
+
+    torch.manual_seed(3)
+    init = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8).state_dict()
+    assert not torch.equal(init["layer6.conv2d_list.0.weight"],
+                           ma["segnet"]["layer6.conv2d_list.0.weight"])
+
+
+def test_finished_run_is_not_retrained(data_root, tmp_path, capsys):
+    args = ["--iters", "2", "--eval-every", "1"]
+    assert _segnet(data_root, tmp_path, *args) == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["config"]["stage"] == "segnet" and cfg["version"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if x["split"] == "val"] == [1, 2]
+    assert {"seg", "lr"} <= set(next(x for x in lines if x["split"] == "train"))
+    assert any(f.name.startswith("events") for f in (tmp_path / "tb").iterdir())
+    before = (tmp_path / "last.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _segnet(data_root, tmp_path, *args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == before
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "segnet", "--out", "x", "--no-such-flag"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--update-ckpt"):
+        train.main(["--stage", "accel", "--out", "x", "--chairs-init", "none"])
+
+
+def test_later_flags_override_earlier():
+    args = train.resolve(train.build_parser().parse_args(
+        ["--stage", "segnet", "--out", "x", "--iters", "5", "--iters", "7",
+         "--imagenet-init", "none"]))
+    assert args.iters == 7 and args.lr == 2.5e-4 and args.eval_every == 2000
+    assert args.num_classes == 15 and args.source_size == [1280, 720]
+    s = train.resolve(train.build_parser().parse_args(
+        ["--stage", "sfm", "--out", "x", "--source", "synthia_seq", "--flownet-ckpt", "f"]))
+    assert (s.lr, s.weight_decay, s.eval_every, s.num_classes) == (1e-4, 4e-4, 4000, 12)
+    assert s.source_size == [1280, 640] and len(s.eval_ids) == 11
+
+
+def _killed_writer(path):
+    """Child: start overwriting `path`, die (os._exit) half-way through the write."""
+    def dying_save(obj, f, *a, **k):
+        f.write(b"\x00" * 1000)
+        f.flush()
+        os._exit(9)
+
+    torch.save = dying_save
+    runio.atomic_save({"format": runio.CHECKPOINT_FORMAT, "iter": 999}, path)
+
+
+def test_atomic_checkpoint_survives_killed_writer(tmp_path):
+    path = tmp_path / "last.pt"
+    runio.atomic_save({"format": runio.CHECKPOINT_FORMAT, "iter": 7, "w": torch.ones(3)}, path)
+    proc = mp.get_context("fork").Process(target=_killed_writer, args=(path,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 9
+    ck = runio.load_checkpoint(path)  # the previous checkpoint, intact
+    assert ck["iter"] == 7 and torch.equal(ck["w"], torch.ones(3))
+
+
+def test_non_finite_loss_stops_without_overwriting(data_root, tmp_path, monkeypatch, capsys):
+    from sfc import losses
+
+    real = losses.seg_loss
+    calls = {"n": 0}
+
+    def flaky(logits, gt):
+        out = real(logits, gt)
+        if isinstance(logits, tuple):  # one top-level call per iteration (main, aux)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "seg_loss", flaky)
+    rc = _segnet(data_root, tmp_path, "--iters", "4", "--eval-every", "2")
+    assert rc == 3
+    out = capsys.readouterr().out
+    assert "non-finite loss at iteration 3" in out and "'seg'" in out
+    assert runio.load_checkpoint(tmp_path / "last.pt")["iter"] == 2  # last good one kept
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    runio.seed_everything(5)
+    state = runio.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    runio.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_sfm_stage_on_synthia_holds_out_last_frames(tmp_path):
+    """SYNTHIA-Seq has no source val split: the SFM stage holds out the last N frames."""
+    from sfc.data.synthetic import generate
+    from sfc.models import FlowNetS
+
+    generate(tmp_path / "data", seed=0, tiny=True, datasets=("synthia_seq",))
+    flownet = tmp_path / "flownet_source_well_trained.pth"  # a release-format FlowNet file
+    torch.save(FlowNetS().state_dict(), flownet)
+    args = ["--stage", "sfm", "--source", "synthia_seq", "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run"), "--iters", "2", "--eval-every", "2",
+            "--source-size", "64", "32", "--num-workers", "0", "--synthia-val-frames", "3",
+            "--flownet-ckpt", str(flownet)]
+    cfg = train.resolve(train.build_parser().parse_args(args))
+    data = train.build_data(cfg)
+    names_train = {data.source.items[i] for i in range(len(data.source))}
+    names_val = {data.val.items[i] for i in range(len(data.val))}
+    assert len(names_val) == 3 and not names_train & names_val
+    assert max(names_train) < min(names_val)  # the last frames are the val split
+    assert train.main(args) == 0
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert res["monitor"] == "epe" and res["last"]["value"] > 0 and res["per_class_last"] is None
+    best = runio.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert set(best["models"]) == {"sfm", "flownet_global"}
+
+
+def test_sigint_saves_last_and_same_command_resumes(data_root, tmp_path, monkeypatch):
+    import signal
+
+    from sfc import losses
+
+    real = losses.seg_loss
+    calls = {"n": 0}
+
+    def interrupting(logits, gt):
+        if isinstance(logits, tuple):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during iteration 1
+        return real(logits, gt)
+
+    monkeypatch.setattr(losses, "seg_loss", interrupting)
+    args = ["--iters", "2", "--eval-every", "2"]
+    assert _segnet(data_root, tmp_path, *args) == 128 + signal.SIGINT
+    assert runio.load_checkpoint(tmp_path / "last.pt")["iter"] == 1
+    assert "stopped at iteration 1 (SIGINT)" in (tmp_path / "log.txt").read_text()
+    assert _segnet(data_root, tmp_path, *args) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["last"]["iter"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_every_flag_has_help():
+    for action in train.build_parser()._actions:
+        assert action.help, action.option_strings
