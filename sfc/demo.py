@@ -1,0 +1,270 @@
+"""`python -m sfc.demo`: the whole SFC pipeline on synthetic video domains, minutes on a CPU.
+
+1. writes the synthetic source (VIPER or SYNTHIA-Seq layout) and target (Cityscapes-Seq layout)
+   domains with `sfc.data.synthetic` into `<out>/data` (skipped when already complete);
+2. runs the seven stage scripts of `exp/` in the release's order, through bash, exactly as a user
+   would, on a reduced configuration (`CONFIGS` below: small images, a small backbone, few
+   iterations, no pretrained weights);
+3. scores the source-only Accel and the final SFC Accel with `python -m sfc.evaluate`;
+4. prints a table (every stage's target-val mIoU or the SFM's EPE, the final model's per-class
+   IoU) and writes it as JSON to `<out>/summary.json`;
+5. draws a gallery of target-val frames (`sfc.demo_gallery`).
+
+Interrupting (Ctrl-C) and re-running resumes: a finished stage (its `result.json` exists) is
+skipped, an interrupted one resumes from its `last.pt` (the engine does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sfc.demo_report import build_summary, format_summary
+
+REPO = Path(__file__).resolve().parent.parent
+HINT = "Interrupted. Run the same command again to resume (finished stages are skipped)."
+
+
+class DemoError(RuntimeError):
+    """A failure the user can act on; printed without a traceback."""
+
+
+# (run dir under <out>/runs/<source>, script under exp/, kind, what it is)
+STAGES = [
+    ("FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/script/update.sh",
+     "segnet", "SegNet source-only (update branch)"),
+    ("FlowNet_pretrain/stage_one/reference", "FlowNet_pretrain/stage_one/script/reference.sh",
+     "segnet", "SegNet source-only (reference branch)"),
+    ("FlowNet_pretrain/stage_two/train", "FlowNet_pretrain/stage_two/script/train.sh",
+     "accel", "Accel source-only"),
+    ("SFM/train", "SFM/script/train.sh", "sfm", "SFM (segmentation-to-flow) on the source"),
+    ("SFC/stage_one/update", "SFC/stage_one/script/update.sh",
+     "segnet", "SegNet + SFC (update branch)"),
+    ("SFC/stage_one/reference", "SFC/stage_one/script/reference.sh",
+     "segnet", "SegNet + SFC (reference branch)"),
+    ("SFC/stage_two/train", "SFC/stage_two/script/train.sh", "accel", "Accel + SFC"),
+]
+SOURCE_ONLY_ACCEL = "FlowNet_pretrain/stage_two/train"
+FINAL_ACCEL = "SFC/stage_two/train"
+
+# The reduced configurations. Paper values (SPEC §5) for comparison: 1280×720 VIPER /
+# 1280×640 SYNTHIA-Seq / 1024×512 Cityscapes, ResNet-101 (layers 3 4 23 3, width 64) from the
+# ImageNet init, FlowNet from Flying Chairs, 80k/80k/80k/120k/160k iterations, eval every 2k.
+CONFIGS = {
+    "demo": {
+        "generator": {"seed": 0},
+        "source_size": {"viper": (128, 72), "synthia_seq": (128, 64)},
+        "target_size": (128, 64),
+        "layers": (1, 1, 1, 1),
+        "width": 16,
+        "iters": {"segnet": 200, "accel": 100, "sfm": 100},
+        "eval_every": {"segnet": 50, "accel": 50, "sfm": 50},
+        "warmup_iters": 10,
+        "val_limit": None,
+        "synthia_val_frames": 10,
+        "gallery_frames": 4,
+    },
+    "smoke": {
+        "generator": {"seed": 0},
+        "source_size": {"viper": (64, 36), "synthia_seq": (64, 32)},
+        "target_size": (64, 32),
+        "layers": (1, 1, 1, 1),
+        "width": 8,
+        "iters": {"segnet": 4, "accel": 4, "sfm": 4},
+        "eval_every": {"segnet": 2, "accel": 2, "sfm": 2},
+        "warmup_iters": 1,
+        "val_limit": 4,
+        "synthia_val_frames": 4,
+        "gallery_frames": 3,
+    },
+}
+
+
+def stage_args(kind: str, cfg: dict, source: str) -> list[str]:
+    """The overrides the demo passes to one stage script (forwarded to `python -m sfc.train`)."""
+    w, h = cfg["source_size"][source]
+    tw, th = cfg["target_size"]
+    args = ["--iters", str(cfg["iters"][kind]), "--eval-every", str(cfg["eval_every"][kind]),
+            "--source-size", str(w), str(h), "--target-size", str(tw), str(th),
+            "--num-workers", "0"]
+    if kind in ("segnet", "accel"):
+        args += ["--layers", *map(str, cfg["layers"]), "--width", str(cfg["width"])]
+    if kind == "segnet":
+        args += ["--imagenet-init", "none"]
+    if kind == "accel":
+        args += ["--chairs-init", "none", "--warmup-iters", str(cfg["warmup_iters"])]
+    if kind == "sfm" and source == "synthia_seq":  # no source val split: hold out frames
+        args += ["--synthia-val-frames", str(cfg["synthia_val_frames"])]
+    if cfg["val_limit"] is not None:
+        args += ["--val-limit", str(cfg["val_limit"])]
+    return args
+
+
+# --- steps ----------------------------------------------------------------------------------
+
+def generate_data(data: Path, cfg: dict, source: str) -> None:
+    """Write the synthetic domains once; a marker file records a complete, matching tree."""
+    marker = data / ".sfc-demo-data.json"
+    want = {"generator": cfg["generator"], "datasets": [source, "cityscapes"]}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        print(f"[data] synthetic domains already in {data} — skipped", flush=True)
+        return
+    if data.exists():  # partial or different: start over (the generator is deterministic)
+        shutil.rmtree(data)
+    print(f"[data] writing the synthetic domains to {data} ...", flush=True)
+    t0 = time.time()
+    from sfc.data.synthetic import generate
+
+    generate(data, datasets=(source, "cityscapes"), progress=True, **cfg["generator"])
+    marker.write_text(json.dumps(want))
+    print(f"[data] done in {time.time() - t0:.1f} s", flush=True)
+
+
+def run_child(cmd: list[str], env: dict, what: str) -> None:
+    """Run a child process in the foreground. Ctrl-C reaches it too (same process group): wait
+    for it to save its checkpoint and exit, then stop with the resume hint."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait(timeout=120)
+        except KeyboardInterrupt:
+            proc.kill()
+        raise
+    if rc != 0:
+        raise DemoError(f"{what} failed (exit code {rc}); command: {' '.join(cmd)}. "
+                        "Fix the cause and run the demo again: it resumes where it stopped.")
+
+
+def run_stages(out: Path, cfg: dict, source: str, timings: dict) -> None:
+    env = dict(os.environ, SFC_DATA=str(out / "data"), SFC_OUT=str(out / "runs"),
+               SFC_WEIGHTS=str(out / "weights"), SOURCE=source)
+    (out / "weights").mkdir(parents=True, exist_ok=True)  # empty: no pretrained weights
+    for i, (run, script, kind, title) in enumerate(STAGES, 1):
+        header = f"[{i}/{len(STAGES)}] {run.rsplit('/', 1)[0] if run.endswith('/train') else run}"
+        print(f"\n{header} — {title}", flush=True)
+        run_dir = out / "runs" / source / run
+        if (run_dir / "result.json").is_file():
+            print(f"    finished earlier ({run_dir / 'result.json'}) — skipped", flush=True)
+            continue
+        cmd = ["bash", str(Path("exp") / script), *stage_args(kind, cfg, source)]
+        print("    $ " + " ".join(cmd), flush=True)
+        t0 = time.time()
+        run_child(cmd, env, f"stage {run}")
+        if not (run_dir / "result.json").is_file():
+            raise DemoError(f"stage {run} exited 0 but wrote no {run_dir / 'result.json'}")
+        timings[run] = round(time.time() - t0, 1)
+        _save_json(out / "timings.json", timings)
+
+
+def evaluate(out: Path, cfg: dict, source: str, timings: dict) -> dict:
+    """`python -m sfc.evaluate` on the source-only and the SFC Accel (best and last iterate)."""
+    results = {}
+    for run in (SOURCE_ONLY_ACCEL, FINAL_ACCEL):
+        for which in ("best", "last"):
+            ckpt = out / "runs" / source / run / f"{which}.pt"
+            dest = out / "eval" / f"{run.replace('/', '__')}__{which}.json"
+            if not dest.is_file():
+                print(f"\n[eval] {run} ({which}.pt) on the target val set", flush=True)
+                cmd = [sys.executable, "-m", "sfc.evaluate", "--checkpoint", str(ckpt),
+                       "--data", str(out / "data"), "--source", source, "--json", str(dest),
+                       "--size", *map(str, cfg["target_size"]), "--workers", "0"]
+                if cfg["val_limit"] is not None:
+                    cmd += ["--limit", str(cfg["val_limit"])]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                t0 = time.time()
+                run_child(cmd, dict(os.environ), f"evaluation of {ckpt}")
+                timings[f"eval {run} {which}"] = round(time.time() - t0, 1)
+                _save_json(out / "timings.json", timings)
+            results[f"{run}:{which}"] = json.loads(dest.read_text())
+    return results
+
+
+def _save_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def check_config(out: Path, mode: str, cfg: dict, source: str) -> None:
+    """A run tree made with another configuration cannot be resumed into: say so."""
+    path = out / "demo_config.json"
+    want = json.loads(json.dumps({"mode": mode, "source": source, **cfg}))
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise DemoError(f"{out} holds a demo run with another configuration "
+                            f"(mode {have.get('mode')}, source {have.get('source')}); "
+                            "use another --out or delete that folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _save_json(path, want)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sfc.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", choices=("viper", "synthia_seq"),
+                   default=os.environ.get("SOURCE") or "viper",
+                   help="source domain (default: $SOURCE, else viper)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the CI setting: tiny sizes and a few iterations per stage")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default save_results/demo, or "
+                        "save_results/demo_synthia_seq for --source synthia_seq)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads of the demo and its children (default 1: with the "
+                        "demo's tiny convolutions, more threads were slower on a 2-core CPU)")
+    args = p.parse_args(argv)
+    if args.source not in ("viper", "synthia_seq"):
+        p.error(f"SOURCE must be viper or synthia_seq, got {args.source!r}")
+    mode = "smoke" if args.smoke else "demo"
+    cfg = CONFIGS[mode]
+    out = args.out or REPO / "save_results" / ("demo" if args.source == "viper"
+                                              else f"demo_{args.source}")
+    out = out.resolve()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
+
+    if not (REPO / "exp" / STAGES[0][1]).is_file():
+        print(f"sfc.demo: error: the stage scripts are not in {REPO / 'exp'}; run the demo from "
+              "a checkout of the repository with sfc installed editable (make demo)",
+              file=sys.stderr)
+        return 1
+    t_start = time.time()
+    timings_path = out / "timings.json"
+    try:
+        check_config(out, mode, cfg, args.source)
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        print(f"SFC demo ({mode}, source {args.source}) → {out}", flush=True)
+        generate_data(out / "data", cfg, args.source)
+        run_stages(out, cfg, args.source, timings)
+        evals = evaluate(out, cfg, args.source, timings)
+        summary = build_summary(out, args.source, mode, cfg, STAGES, evals, timings)
+        from sfc.demo_gallery import make_gallery
+
+        print("\n[gallery] drawing target-val frames ...", flush=True)
+        summary["gallery"] = make_gallery(out, args.source, cfg["target_size"],
+                                          cfg["gallery_frames"], threads=args.threads)
+        summary["wall_s_this_invocation"] = round(time.time() - t_start, 1)
+        _save_json(out / "summary.json", summary)
+        print("\n" + format_summary(summary), flush=True)
+        print(f"\nsummary: {out / 'summary.json'}\ngallery: {out / summary['gallery']['index']}")
+        print(f"demo finished in {time.time() - t_start:.0f} s", flush=True)
+    except KeyboardInterrupt:
+        print("\n" + HINT, file=sys.stderr, flush=True)
+        return 130
+    except DemoError as e:
+        print(f"\nsfc.demo: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

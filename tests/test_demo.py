@@ -1,0 +1,209 @@
+"""`python -m sfc.demo`: the summary logic (fast) and the smoke demo end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sfc import demo
+from sfc.demo_report import build_summary, format_summary
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = [run for run, *_ in demo.STAGES]
+
+
+# --- fast: configuration, summary arithmetic, table --------------------------------------
+
+def test_stage_order_and_scripts_exist():
+    assert RUNS == ["FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
+                    "FlowNet_pretrain/stage_two/train", "SFM/train", "SFC/stage_one/update",
+                    "SFC/stage_one/reference", "SFC/stage_two/train"]
+    for _, script, _, _ in demo.STAGES:
+        path = REPO / "exp" / script
+        assert path.is_file(), path
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["demo", "smoke"])
+def test_stage_args_no_pretrained_weights_and_reduced(mode):
+    cfg = demo.CONFIGS[mode]
+    seg = demo.stage_args("segnet", cfg, "viper")
+    acc = demo.stage_args("accel", cfg, "synthia_seq")
+    sfm = demo.stage_args("sfm", cfg, "synthia_seq")
+    assert seg[seg.index("--imagenet-init") + 1] == "none"
+    assert acc[acc.index("--chairs-init") + 1] == "none"
+    assert "--imagenet-init" not in acc and "--layers" not in sfm
+    assert seg[seg.index("--layers") + 1: seg.index("--layers") + 5] == list(
+        map(str, cfg["layers"]))
+    w, h = cfg["source_size"]["synthia_seq"]
+    assert acc[acc.index("--source-size") + 1: acc.index("--source-size") + 3] == [str(w), str(h)]
+    assert sfm[sfm.index("--synthia-val-frames") + 1] == str(cfg["synthia_val_frames"])
+    assert "--synthia-val-frames" not in demo.stage_args("sfm", cfg, "viper")
+    assert int(seg[seg.index("--iters") + 1]) <= 1000  # reduced (paper: 80k-160k)
+
+
+def _fake_tree(tmp_path, values):
+    """Run dirs with result.json: values[run] = (best, last)."""
+    for run, (best, last) in values.items():
+        d = tmp_path / "runs" / "viper" / run
+        d.mkdir(parents=True)
+        monitor = "epe" if run == "SFM/train" else "miou"
+        (d / "result.json").write_text(json.dumps({
+            "stage": "x", "monitor": monitor, "best": {"iter": 10, "value": best},
+            "last": {"iter": 20, "value": last}, "per_class_last": None}))
+
+
+def demo_names(n):
+    from sfc.data.classes import get_protocol
+
+    return get_protocol(n).class_names
+
+
+def _record(miou, n=15):
+    return {"miou": miou, "per_class": {c: miou for c in demo_names(n)},
+            "per_class_not_in_mean": {}}
+
+
+def test_build_summary_compares_source_only_with_sfc(tmp_path):
+    values = {r: (0.20, 0.18) for r in RUNS}
+    values["SFC/stage_one/update"] = (0.30, 0.26)
+    values["SFC/stage_one/reference"] = (0.20, 0.20)  # SFC SegNet mean: 0.25 / 0.23
+    values["SFM/train"] = (0.5, 0.6)
+    _fake_tree(tmp_path, values)
+    evals = {"FlowNet_pretrain/stage_two/train:best": _record(0.25),
+             "FlowNet_pretrain/stage_two/train:last": _record(0.22),
+             "SFC/stage_two/train:best": _record(0.21),
+             "SFC/stage_two/train:last": _record(0.22)}
+    s = build_summary(tmp_path, "viper", "demo", demo.CONFIGS["demo"], demo.STAGES, evals, {})
+    assert [r["stage"] for r in s["stages"]] == RUNS
+    c = s["comparison"]
+    assert c["best"]["segnet_source_only_mean"] == pytest.approx(0.20)
+    assert c["best"]["segnet_sfc_mean"] == pytest.approx(0.25)
+    assert c["last"]["segnet_delta"] == pytest.approx(0.05)
+    assert c["best"]["accel_delta"] == pytest.approx(-0.04)
+    assert c["last"]["accel_delta"] == pytest.approx(0.0)
+    assert "-4.0 points, below source-only" in s["verdict"]
+    assert "about the same as source-only" in s["verdict"]
+    assert s["final_model"]["miou"] == 0.21 and len(s["final_model"]["per_class"]) == 15
+    table = format_summary(s)
+    assert "[4] SFM/train" in table and "0.500 px @10" in table and "0.600 px @20" in table
+    assert "30.0 @10" in table  # SFC stage one update, best, in percent
+    last_line = [ln for ln in table.splitlines() if ln.startswith("mIoU")][0]
+    assert last_line.split()[1:] == ["25.0", "21.0", "22.0", "22.0"]
+
+
+def test_other_configuration_in_the_same_folder_is_refused(tmp_path):
+    demo.check_config(tmp_path, "smoke", demo.CONFIGS["smoke"], "viper")
+    demo.check_config(tmp_path, "smoke", demo.CONFIGS["smoke"], "viper")  # same: fine
+    with pytest.raises(demo.DemoError, match="another configuration"):
+        demo.check_config(tmp_path, "demo", demo.CONFIGS["demo"], "viper")
+
+
+# --- slow: the smoke demo end to end ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_smoke")
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE"}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "sfc.demo", "--smoke", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return out, r, time.time() - t0
+
+
+def _finite(x):
+    return isinstance(x, float) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_smoke_demo_trains_every_stage_and_reports(smoke):
+    out, r, _ = smoke
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for run in RUNS:
+        d = out / "runs" / "viper" / run
+        for f in ("best.pt", "last.pt", "result.json"):
+            assert (d / f).is_file(), d / f
+    s = json.loads((out / "summary.json").read_text())
+    assert [row["stage"] for row in s["stages"]] == RUNS
+    for row in s["stages"]:
+        assert row["monitor"] == ("epe" if row["stage"] == "SFM/train" else "miou")
+        for which in ("best", "last"):
+            v = row[which]["value"]
+            assert _finite(v) and v >= 0 and (row["monitor"] == "epe" or v <= 1), row
+    final = s["final_model"]
+    assert list(final["per_class"]) == demo_names(15)
+    assert all(_finite(v) and 0 <= v <= 1 for v in final["per_class"].values())
+    assert final["miou"] == pytest.approx(np.mean(list(final["per_class"].values())))
+    # the printed table: every stage, every class, the verdict
+    assert "SFC demo summary" in r.stdout
+    for i, run in enumerate(RUNS, 1):
+        assert f"[{i}] {run}" in r.stdout
+    for name in demo_names(15):
+        assert name in r.stdout
+    assert "as measured" in r.stdout
+    # the progress display: stage headers
+    assert "[3/7] FlowNet_pretrain/stage_two — Accel source-only" in r.stdout
+    # the gallery
+    g = out / "gallery"
+    frames = sorted(g.glob("frame_*.png"))
+    assert len(frames) == demo.CONFIGS["smoke"]["gallery_frames"]
+    combined = np.asarray(Image.open(g / "gallery.png"))
+    one = np.asarray(Image.open(frames[0]))
+    assert one.shape[1] == combined.shape[1] == 6 * 256 + 5 * 4  # six panels in a row
+    assert combined.shape[0] > len(frames) * 100
+    assert "gallery.png" in (g / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_demo_rerun_skips_finished_stages(smoke):
+    out, first, _ = smoke
+    assert first.returncode == 0
+    before = {run: (out / "runs" / "viper" / run / "last.pt").stat().st_mtime_ns for run in RUNS}
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE"}
+    r = subprocess.run([sys.executable, "-m", "sfc.demo", "--smoke", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("finished earlier") == len(RUNS)
+    assert "already in" in r.stdout  # data not regenerated
+    after = {run: (out / "runs" / "viper" / run / "last.pt").stat().st_mtime_ns for run in RUNS}
+    assert after == before  # nothing retrained
+    assert "SFC demo summary" in r.stdout
+
+
+@pytest.mark.slow
+def test_smoke_demo_synthia_interrupt_and_resume(tmp_path):
+    """SOURCE=synthia_seq (12 classes, 11 evaluated); Ctrl-C during stage 3 prints the hint,
+    and the next invocation skips stages 1-2 and finishes."""
+    env = dict(os.environ, SOURCE="synthia_seq")
+    cmd = [sys.executable, "-m", "sfc.demo", "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[3/7]"):
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
+            break
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen) + rest + err
+    assert demo.HINT in err
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("finished earlier") >= 2
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["source"] == "synthia_seq" and s["protocol"] == "synthia12"
+    assert len(s["final_model"]["per_class"]) == 11
+    assert list(s["final_model"]["per_class_not_in_mean"]) == ["fence"]
+    for run in RUNS:
+        assert (tmp_path / "runs" / "synthia_seq" / run / "best.pt").is_file()
