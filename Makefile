@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(PY) -m sfc.bench $(ARGS)
 
 clean-demo:
-	rm -rf save_results/demo
+	rm -rf save_results/demo save_results/demo_synthia_seq

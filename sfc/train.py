@@ -163,10 +163,19 @@ def build_data(cfg) -> Data:
 
 
 def main(argv=None) -> int:
-    args = resolve(build_parser().parse_args(argv))
-    from sfc.engine import train
+    from sfc.checkpoints import CheckpointFormatError
+    from sfc.data import DatasetError
 
-    return train(args, build_data(args))
+    args = resolve(build_parser().parse_args(argv))
+    try:
+        from sfc.engine import train
+
+        return train(args, build_data(args))
+    except (DatasetError, CheckpointFormatError, FileNotFoundError) as e:
+        # Bad input (a missing dataset, earlier run or weight file; a wrong checkpoint):
+        # one clear line, not a traceback from deep inside.
+        print(f"sfc.train: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
