@@ -1,0 +1,133 @@
+"""Timing, memory and FLOP measurement, and the full-pipeline extrapolation (SPEC §5).
+
+Units: seconds, bytes (reported as GiB), FLOP (one multiply-add = 2 FLOP, as
+`torch.utils.flop_counter` counts them).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import threading
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+GIB = 2 ** 30
+
+# The release's pipeline (SPEC §5): (run, bench kind, iterations, eval every, val images).
+# Validation: Cityscapes val (500 clips) every 2,000 iterations; SFM: VIPER val every 4,000
+# (the release's list has 460 entries). The last evaluation falls on the last iteration.
+PIPELINE = (
+    ("FlowNet_pretrain/stage_one update", "segnet", 80_000, 2000, 500),
+    ("FlowNet_pretrain/stage_one reference", "segnet", 80_000, 2000, 500),
+    ("FlowNet_pretrain/stage_two", "accel", 80_000, 2000, 500),
+    ("SFM", "sfm", 80_000, 4000, 460),
+    ("SFC/stage_one update", "segnet_sfc", 120_000, 2000, 500),
+    ("SFC/stage_one reference", "segnet_sfc", 120_000, 2000, 500),
+    ("SFC/stage_two", "accel_sfc", 160_000, 2000, 500),
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RSSPeak:
+    """Peak resident set size of this process while the block runs, sampled every `period` s
+    from /proc/self/statm (Linux); `peak` in bytes, 0 where unavailable."""
+
+    def __init__(self, period: float = 0.005):
+        self.period, self.peak = period, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def max_rss_bytes() -> int:
+    """Peak RSS of the whole process so far (`getrusage`, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def count_flops(fn) -> int:
+    """FLOP of one call of `fn` (forward + backward of a training step), counted once."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def time_calls(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall time (s) of each of `iters` calls after `warmup` untimed ones, synchronised."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def memory_block(device: torch.device):
+    """Context manager + reader of the peak memory of the block: CUDA allocator peak, or the
+    sampled process RSS peak on CPU."""
+    if device.type == "cuda":
+        class _Cuda:
+            def __enter__(self):
+                torch.cuda.reset_peak_memory_stats(device)
+                return self
+
+            def __exit__(self, *exc):
+                self.peak = torch.cuda.max_memory_allocated(device)
+        return _Cuda()
+    return RSSPeak()
+
+
+def pipeline_estimate(step_s: dict[str, float], eval_s: dict[str, float]) -> dict:
+    """Full-pipeline wall time from per-kind step times (s/iteration) and per-image evaluation
+    times (s/image). Kinds that were not measured make the total None."""
+    runs, total, complete = [], 0.0, True
+    for name, kind, iters, every, n_val in PIPELINE:
+        s, e = step_s.get(kind), eval_s.get(kind)
+        n_evals = -(-iters // every)
+        train_h = s * iters / 3600 if s is not None else None
+        eval_h = e * n_evals * n_val / 3600 if e is not None else None
+        runs.append({"run": name, "kind": kind, "iters": iters, "evals": n_evals,
+                     "val_images": n_val, "train_h": train_h, "eval_h": eval_h})
+        if train_h is None:
+            complete = False
+        else:
+            total += train_h + (eval_h or 0.0)
+    return {"runs": runs, "total_h": total if complete else None,
+            "total_train_h": (sum(r["train_h"] for r in runs) if complete else None)}

@@ -1,0 +1,99 @@
+"""Readable tables of a benchmark result (the JSON written by `python -m sfc.bench`)."""
+
+from __future__ import annotations
+
+from sfc.bench.measure import GIB
+
+
+def _f(x, fmt: str, none: str = "—") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def stage_table(stages: list[dict]) -> str:
+    rows = []
+    for r in stages:
+        mem = r["peak_mem_bytes"] / GIB
+        rows.append([r["kind"], r["precision"] + (" cl" if r.get("channels_last") else ""),
+                     "{}×{} / {}×{}".format(*r["source_size"], *r["target_size"]),
+                     _f(r["step_s"] * 1e3, ".1f"),
+                     _f(r.get("opt_s") and r["opt_s"] * 1e3, ".1f")
+                     + (" (foreach)" if r.get("foreach_sgd") else ""),
+                     _f(r["flops_per_step"] and r["flops_per_step"] / 1e12, ".3f"),
+                     _f(r["tflops_per_s"], ".2f"),
+                     f"{mem:.2f} ({'CUDA' if r['peak_mem_kind'].startswith('cuda') else 'RSS'})",
+                     _f(r["eval_s_per_image"] and r["eval_s_per_image"] * 1e3, ".1f")])
+    return _table(["stage", "precision", "source / target (W×H)", "step ms (median)",
+                   "of which optimiser ms", "TFLOP/step", "TFLOP/s", "peak mem GiB",
+                   "eval ms/image"], rows)
+
+
+def pipeline_table(pipelines: dict) -> str:
+    out = []
+    for prec, p in pipelines.items():
+        rows = [[r["run"], r["kind"], f"{r['iters']:,}", _f(r["train_h"], ".2f"),
+                 f"{r['evals']}×{r['val_images']}", _f(r["eval_h"], ".2f")] for r in p["runs"]]
+        rows.append(["**total**", "", "", _f(p["total_train_h"], ".2f"), "",
+                     "**" + _f(p["total_h"], ".2f") + " h incl. eval**"])
+        out.append(f"Full pipeline, {prec}:\n\n" + _table(
+            ["run", "kind", "iterations", "train h", "evaluations", "eval h"], rows))
+    return "\n\n".join(out)
+
+
+def reference_table(refs: list[dict]) -> str:
+    rows = []
+    for r in refs:
+        mem = ""
+        if r.get("project_step_extra_mem_bytes") is not None:
+            mem = " / ".join(f"{r[k] / GIB:.2f}" for k in ("project_step_extra_mem_bytes",
+                                                           "reference_step_extra_mem_bytes"))
+        kind = r["kind"] + ("" if r.get("source_prev_forward", True) or r["kind"] == "sfm"
+                            else " (project: --no-source-prev-forward)")
+        rows.append([kind, r["precision"],
+                     "{}×{} / {}×{}".format(*r["source_size"], *r["target_size"]),
+                     _f(r["project_step_s"] * 1e3, ".1f"), _f(r["reference_step_s"] * 1e3, ".1f"),
+                     _f(r["speedup"], ".2f") + "×",
+                     _f(r.get("speedup_paired"), ".2f") + "×", f"{r['max_rel_loss_diff']:.1e}",
+                     "yes" if r["losses_equal"] else "**NO**", mem or "—"])
+    return _table(["stage", "precision", "source / target (W×H)", "project ms",
+                   "release-style ms", "speed-up (medians)", "speed-up (paired median)",
+                   "max rel loss diff",
+                   f"equal (rtol {refs[0]['rtol']:g})" if refs else "equal",
+                   "step extra mem GiB (project / release)"], rows)
+
+
+def loader_table(lo: dict) -> str:
+    rows = []
+    multi = lo.get("samples_per_s_multi") or {}
+    for name, rate in lo["samples_per_s_one_worker"].items():
+        users = [k for k, v in lo["stage_loaders"].items() if name in v]
+        need = ", ".join(f"{k} {lo['workers_needed'][k][name]}" for k in users
+                         if k in lo["workers_needed"])
+        rows.append([name, "{}×{}".format(*lo["sizes"][name]), f"{rate:.2f}",
+                     _f(multi.get(name), ".2f"), need or "—"])
+    k = multi.get("workers")
+    return _table(["loader", "size (W×H)", "samples/s, 1 worker",
+                   f"samples/s, {k} workers" if k else "samples/s, N workers",
+                   "workers needed (stage n)"], rows)
+
+
+def full_report(res: dict) -> str:
+    m = res["meta"]
+    parts = [f"sfc.bench — {m['date']} — {m['device_name']} — torch {m['torch']} — "
+             f"{m['threads']} threads — load average {m['loadavg']}"]
+    if res.get("stages"):
+        parts.append(stage_table(res["stages"]))
+    if res.get("pipeline"):
+        parts.append(pipeline_table(res["pipeline"]))
+    if res.get("reference"):
+        parts.append("Release-style reference vs project (lockstep, same batches):\n\n"
+                     + reference_table(res["reference"]))
+    if res.get("loaders"):
+        parts.append("Loaders (native-size synthetic files, faithful training sizes):\n\n"
+                     + loader_table(res["loaders"]))
+    return "\n\n".join(parts) + "\n"

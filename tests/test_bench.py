@@ -1,0 +1,209 @@
+"""Benchmark fast paths keep the numbers (issue 6). No timing assertions: timings live in
+`python -m sfc.bench`; these tests check equality of the fast paths and the CLI's output shape.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sfc import losses
+from sfc.bench import steps
+from sfc.bench.__main__ import main as bench_main
+from sfc.bench.fastopt import check_exact
+from sfc.bench.run import measure_reference
+from sfc.bench_reference import (
+    ReleaseSegNetSFC,
+    release_sf,
+    release_sfc_loss,
+    release_sfm_loss,
+)
+from sfc.models import Accel, DeepLabV2, FlowNetS
+
+TINY = {"layers": (1, 1, 1, 1), "width": 8}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast and immune to a busy machine's
+    oversubscription (OpenMP spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _flow_nets(dtype):
+    torch.manual_seed(1)
+    return FlowNetS().to(dtype).eval(), FlowNetS().to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_release_sfc_loss_equals_project(dtype, rtol):
+    """Stage-one SFC loss (main + 0.1·aux, 15 classes): loop of SFM calls with SFM gradients
+    (release) == one B·C batch with a frozen SFM (project) — value and gradient to the logits."""
+    fg, sfm = _flow_nets(dtype)
+    g = torch.Generator().manual_seed(0)
+    h, w = 32, 64
+    img_p, img_c = (torch.rand(1, 3, h, w, generator=g, dtype=dtype) for _ in range(2))
+    logits = [torch.randn(1, 15, h // 8, w // 8, generator=g, dtype=dtype) * 0.05
+              for _ in range(4)]
+    a = [x.clone().requires_grad_(True) for x in logits]
+    b = [x.clone().requires_grad_(True) for x in logits]
+    sfm_ref = FlowNetS().to(dtype)
+    sfm_ref.load_state_dict(sfm.state_dict())
+    l_proj = losses.sfc_loss((a[0], a[1]), (a[2], a[3]), img_p, img_c, fg, sfm)
+    l_ref = release_sfc_loss((b[0], b[1]), (b[2], b[3]), img_p, img_c, fg, sfm_ref)
+    torch.testing.assert_close(l_proj, l_ref.to(l_proj.dtype), rtol=rtol, atol=0)
+    l_proj.backward()
+    l_ref.backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=rtol * 10, atol=rtol * 1e-3)
+    assert all(p.grad is None for p in sfm.parameters())  # project never touches the SFM
+    assert all(p.grad is not None for p in sfm_ref.parameters())  # the release computed them
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_release_sfm_loss_equals_project(dtype, rtol):
+    """SFM pre-training loss (absent classes skipped, masked EPE): value and SFM gradients."""
+    fg, sfm = _flow_nets(dtype)
+    g = torch.Generator().manual_seed(0)
+    h, w = 32, 64
+    img_p, img_c = (torch.rand(2, 3, h, w, generator=g, dtype=dtype) for _ in range(2))
+    gt_p = torch.randint(-1, 6, (2, h, w), generator=g)  # classes 6..14 absent
+    gt_c = torch.randint(-1, 4, (2, h, w), generator=g)
+    gt_c[1, :4] = 9  # a class present in one sample and one frame only
+    down = torch.randint(-1, 6, (2, h // 4, w // 4), generator=g)
+    sfm_ref = FlowNetS().to(dtype)
+    sfm_ref.load_state_dict(sfm.state_dict())
+    l_proj = losses.sfm_loss(img_p, img_c, gt_p, gt_c, fg, sfm, down)
+    l_ref = release_sfm_loss(img_p, img_c, gt_p, gt_c, fg, sfm_ref, down)
+    torch.testing.assert_close(l_proj, l_ref.to(l_proj.dtype), rtol=rtol, atol=0)
+    l_proj.backward()
+    l_ref.backward()
+    for p, q in zip(sfm.parameters(), sfm_ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol * 10, atol=rtol * 1e-3)
+
+
+def test_release_sf_loop_equals_batched_present():
+    """The per-class loop with `present` == the project's batched `segmentation_based_flow`."""
+    _, sfm = _flow_nets(torch.float64)
+    g = torch.Generator().manual_seed(3)
+    m_p, m_c = (torch.rand(2, 5, 16, 24, generator=g, dtype=torch.float64) for _ in range(2))
+    img_p, img_c = (torch.rand(2, 3, 16, 24, generator=g, dtype=torch.float64) for _ in range(2))
+    present = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    ref = release_sf(m_p, m_c, img_p, img_c, sfm, present)
+    proj = losses.segmentation_based_flow(m_p, m_c, img_p, img_c, sfm, present=present)
+    torch.testing.assert_close(proj, ref, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(ref[1]) == 0  # no class present: exactly 0, not SFM(0)
+
+
+def test_release_sfc_stage_one_lockstep_equals_project_stage():
+    """The real SegNet stage (SFC stage one, tiny backbone) and the release-style step from the
+    same state: equal losses over 2 iterations and equal parameters and BN statistics after."""
+    bc = steps.BenchConfig(source_size=(64, 32), target_size=(64, 32), **TINY)
+    stage = steps.build("segnet_sfc", bc)
+    ref = ReleaseSegNetSFC(stage)
+    src, tgt = steps.make_batches("segnet_sfc", bc)
+    for i in range(2):
+        a = ref.step(src, tgt, i)
+        b = steps.train_iteration(stage, src, tgt, i)
+        for k in b:
+            assert math.isclose(a[k], b[k], rel_tol=1e-4), (i, k, a[k], b[k])
+    sd_ref, sd_proj = ref.net.state_dict(), stage.nets["segnet"].state_dict()
+    for k, v in sd_proj.items():
+        torch.testing.assert_close(v, sd_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the release computes (and never applies) SFM gradients; the project never makes them
+    assert any(p.grad is not None for p in ref.sfm.parameters())
+    assert all(p.grad is None for p in stage.nets["sfm"].parameters())
+
+
+def test_measure_reference_reports_equal_losses():
+    bc = steps.BenchConfig(source_size=(64, 32), target_size=(64, 32), **TINY)
+    rec = measure_reference("sfm", bc, iters=1, warmup=0, log=lambda s: None)
+    assert rec["losses_equal"] and rec["max_rel_loss_diff"] <= 1e-4
+    assert rec["speedup"] > 0 and math.isfinite(rec["speedup"])
+
+
+def _channels_last(module, *xs):
+    module = module.eval()
+    with torch.no_grad():
+        ref = module(*xs)
+        cl = module.to(memory_format=torch.channels_last)
+        xs_cl = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                 for x in xs]
+        out = cl(*xs_cl)
+    return ref, out
+
+
+@pytest.mark.parametrize("net", ["deeplab", "flownet", "accel"])
+def test_channels_last_output_equals_default_layout(net):
+    g = torch.Generator().manual_seed(0)
+    if net == "deeplab":
+        m, xs = DeepLabV2(15, multi_level=True, **TINY), [torch.randn(1, 3, 64, 96, generator=g)]
+    elif net == "flownet":
+        m, xs = FlowNetS(), [torch.rand(2, 6, 64, 96, generator=g)]
+    else:
+        m = Accel(15, **TINY)
+        xs = [torch.randn(1, 3, 2, 64, 96, generator=g), torch.rand(1, 3, 2, 64, 96, generator=g)]
+    ref, out = _channels_last(m, *xs)
+    for a, b in zip(ref if isinstance(ref, tuple) else (ref,),
+                    out if isinstance(out, tuple) else (out,)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_bench_cli_json_structure(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = bench_main(["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+                     "--width", "8", "--iters", "1", "--warmup", "0", "--eval-images", "1",
+                     "--threads", "1", "--reference", "--reference-stages", "segnet_sfc",
+                     "--json", str(path)])
+    assert rc == 0
+    res = json.loads(path.read_text())
+    assert set(res) >= {"meta", "stages", "pipeline", "reference", "loaders"}
+    assert [r["kind"] for r in res["stages"]] == list(steps.KINDS)
+    for r in res["stages"]:
+        for k in ("step_s", "flops_per_step", "tflops_per_s", "peak_mem_bytes",
+                  "eval_s_per_image"):
+            assert _finite(r[k]) and r[k] > 0, (r["kind"], k, r[k])
+        assert r["source_size"] == [64, 32] and len(r["step_times_s"]) == 1
+        assert all(_finite(v) for v in r["loss_terms"].values()) and r["loss_terms"]
+    sfc_terms = {r["kind"]: set(r["loss_terms"]) for r in res["stages"]}
+    assert sfc_terms["segnet_sfc"] == {"seg", "sfc"} and sfc_terms["sfm"] == {"sfm"}
+    pipe = res["pipeline"]["fp32"]
+    assert len(pipe["runs"]) == 7 and _finite(pipe["total_h"]) and pipe["total_h"] > 0
+    assert sum(r["iters"] for r in pipe["runs"]) == 720_000
+    (ref,) = res["reference"]
+    assert ref["kind"] == "segnet_sfc" and ref["losses_equal"] and _finite(ref["speedup"])
+    table = path.with_suffix(".md").read_text()
+    assert "segnet_sfc" in table and "speed-up" in table
+    assert "| accel_sfc |" in capsys.readouterr().out
+
+
+def test_loader_measurement_on_tiny_tree(tmp_path):
+    from sfc.bench.loaders import LOADERS, measure_loaders
+    from sfc.data.synthetic import generate
+
+    generate(tmp_path, seed=0, datasets=("viper", "cityscapes"), tiny=True)
+    res = measure_loaders(1, {"segnet_sfc": 0.5, "sfm": 0.25}, data_root=tmp_path,
+                          log=lambda s: None)
+    assert set(res["samples_per_s_one_worker"]) == set(LOADERS)
+    assert all(_finite(v) and v > 0 for v in res["samples_per_s_one_worker"].values())
+    assert set(res["workers_needed"]) == {"segnet_sfc", "sfm"}
+    assert set(res["workers_needed"]["segnet_sfc"]) == {"viper_f2", "cityscapes_f2"}
+    assert all(n >= 1 for v in res["workers_needed"].values() for n in v.values())
+
+
+def test_foreach_repeated_sgd_is_bit_exact_cpu():
+    check_exact("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_foreach_repeated_sgd_is_bit_exact_cuda():
+    check_exact("cuda")
