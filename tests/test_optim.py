@@ -39,12 +39,14 @@ def _grads(params, seed):
     return [torch.randn(p.shape, generator=g) for p in params]
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
 @pytest.mark.parametrize("lrs", [(2.5e-4, 2.4e-4, 2.3e-4, 2.2e-4)])
-def test_repeated_sgd_equals_torch_sgd_with_duplicated_list(small_backbone, lrs):
+def test_repeated_sgd_equals_torch_sgd_with_duplicated_list(small_backbone, lrs, foreach):
     torch.manual_seed(0)
     net = DeepLabV2(15, multi_level=True, **small_backbone)
     ref = copy.deepcopy(net)
-    ours = optim.make_sgd(optim.segnet_param_groups(net, lrs[0], release=True), lrs[0])
+    ours = optim.make_sgd(optim.segnet_param_groups(net, lrs[0], release=True), lrs[0],
+                          foreach=foreach)
     dup = _release_duplicated_list(ref)
     heads = ref.classifier_parameters()
     with warnings.catch_warnings():
@@ -70,10 +72,11 @@ def test_repeated_sgd_equals_torch_sgd_with_duplicated_list(small_backbone, lrs)
     assert min(moved) > 0
 
 
-def test_repeated_sgd_first_and_second_step_by_hand():
+@pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
+def test_repeated_sgd_first_and_second_step_by_hand(foreach):
     p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
     opt = optim.RepeatedSGD([{"params": [p], "repeats": [3]}], lr=0.1, momentum=0.9,
-                            weight_decay=0.5)
+                            weight_decay=0.5, foreach=foreach)
     g, lr, m, wd = 2.0, 0.1, 0.9, 0.5
     x = 1.0
     p.grad = torch.tensor([g], dtype=torch.float64)

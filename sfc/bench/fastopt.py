@@ -1,5 +1,6 @@
-"""A multi-tensor (`torch._foreach_*`) version of `sfc.optim.RepeatedSGD.step`, proposed for
-`sfc/optim.py` (issue 6). Same update, elementwise the same operations in the same order:
+"""The multi-tensor (`torch._foreach_*`) path of `sfc.optim.RepeatedSGD` (used on CUDA by
+default; `foreach=True` forces it) and its exactness check against the single-tensor path.
+Same update, elementwise the same operations in the same order:
 for repeat r = 0..max(k)-1 it updates, in one foreach call per operation, every parameter whose
 repeat count k exceeds r:
     d = g + λ·p;  first step: B ← d;  later: B ← m·B + d;  p ← p − η·(first ? d : B).
@@ -16,44 +17,10 @@ import torch
 from sfc.optim import RepeatedSGD
 
 
-class ForeachRepeatedSGD(RepeatedSGD):
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            live = [(p, k) for p, k in zip(group["params"], group["repeats"])
-                    if p.grad is not None]
-            if not live:
-                continue
-            # parameters with and without a momentum buffer take different paths
-            first = [(p, k) for p, k in live if "momentum_buffer" not in self.state[p]]
-            later = [(p, k) for p, k in live if "momentum_buffer" in self.state[p]]
-            for r in range(max(k for _, k in live)):
-                for plist, is_first in ((first, True), (later, False)):
-                    ps = [p for p, k in plist if k > r]
-                    if not ps:
-                        continue
-                    gs = [p.grad for p in ps]
-                    d = (torch._foreach_add(gs, ps, alpha=wd) if wd != 0
-                         else [g.clone() for g in gs])
-                    if m != 0:
-                        if is_first:
-                            for p, dd in zip(ps, d):
-                                self.state[p]["_buf"] = dd  # the last repeat's d is kept
-                        else:
-                            bufs = [self.state[p]["momentum_buffer"] for p in ps]
-                            torch._foreach_mul_(bufs, m)
-                            torch._foreach_add_(bufs, d)
-                            d = bufs
-                    torch._foreach_add_(ps, d, alpha=-lr)
-            if m != 0:
-                for p, _ in first:
-                    self.state[p]["momentum_buffer"] = self.state[p].pop("_buf")
-        return loss
+def ForeachRepeatedSGD(params, lr, momentum=0.9, weight_decay=5e-4):  # noqa: N802
+    """`RepeatedSGD` forced onto its multi-tensor path (the default on CUDA)."""
+    return RepeatedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       foreach=True)
 
 
 def use_foreach_sgd(stage) -> None:
@@ -78,9 +45,9 @@ def check_exact(device: str = "cpu", steps: int = 3) -> None:
     a = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8).to(device)
     b = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8).to(device)
     b.load_state_dict(a.state_dict())
-    oa, ob = (cls(optim.segnet_param_groups(net, 2.5e-4, release=True), lr=2.5e-4,
-                  momentum=0.9, weight_decay=5e-4)
-              for cls, net in ((RepeatedSGD, a), (ForeachRepeatedSGD, b)))
+    oa, ob = (RepeatedSGD(optim.segnet_param_groups(net, 2.5e-4, release=True), lr=2.5e-4,
+                          momentum=0.9, weight_decay=5e-4, foreach=fe)
+              for fe, net in ((False, a), (True, b)))
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         for pa, pb in zip(a.parameters(), b.parameters()):
