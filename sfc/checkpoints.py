@@ -45,6 +45,12 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         raise CheckpointFormatError(
             f"{path}: cannot read as a PyTorch state dict with torch.load(weights_only=True) "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    return state_dict_of(obj, path)
+
+
+def state_dict_of(obj, path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded object: unwraps `{'state_dict': …}`/`{'model': …}` and
+    checks that it is a non-empty dict of name → tensor (`path` only names the file in errors)."""
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict):

@@ -25,6 +25,7 @@ from sfc.checkpoints import (
     CheckpointFormatError,
     load_release_accel,
     load_release_segnet,
+    state_dict_of,
 )
 
 # The SegNet's main classifier (first ASPP branch): weight (C, 32·width, 3, 3).
@@ -105,20 +106,7 @@ def _flat_state_dict(path: str, obj) -> tuple[dict, str, dict, dict]:
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj:
             fmt, config = "sfc", dict(obj.get("config") or {})
             meta["iteration"] = obj.get("iteration", obj.get("iter"))
-        sd = obj
-        if isinstance(sd, dict):
-            for wrapper in ("state_dict", "model"):  # as sfc.checkpoints.read_state_dict
-                if isinstance(sd.get(wrapper), dict):
-                    sd = sd[wrapper]
-                    break
-        if not isinstance(sd, dict) or not sd:
-            raise CheckpointFormatError(f"{path}: expected a state dict (name → tensor) or a "
-                                        f"run checkpoint, got {type(sd).__name__}")
-        bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-        if bad:
-            raise CheckpointFormatError(f"{path}: expected a state dict of name → tensor; "
-                                        f"non-tensor entries: {sorted(map(str, bad))[:5]}")
-        sd = dict(sd)
+        sd = state_dict_of(obj, path)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     meta["which"] = stem if fmt == "sfc" and stem in ("best", "last") else fmt
