@@ -141,13 +141,17 @@ def main(argv=None) -> int:
     src, tgt = _sizes(args)
     res = {"meta": _meta(args), "stages": [], "pipeline": {}, "reference": [], "loaders": None}
     log = lambda s: print(s, flush=True)  # noqa: E731
+
+    def config(precision: str, **extra) -> steps.BenchConfig:
+        return steps.BenchConfig(device=args.device, source_size=src, target_size=tgt,
+                                 precision=precision, layers=tuple(args.layers),
+                                 width=args.width, channels_last=args.channels_last,
+                                 source_prev_forward=args.source_prev_forward, seed=args.seed,
+                                 **extra)
+
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
-            bc = steps.BenchConfig(device=args.device, source_size=src, target_size=tgt,
-                                   precision=prec, layers=tuple(args.layers), width=args.width,
-                                   channels_last=args.channels_last,
-                                   foreach_sgd=args.foreach_sgd,
-                                   source_prev_forward=args.source_prev_forward, seed=args.seed)
+            bc = config(prec, foreach_sgd=args.foreach_sgd)
             for kind in args.stages:
                 log(f"[bench] {kind} {prec} source {src} target {tgt} ...")
                 rec = run.measure_stage(kind, bc, args.iters, args.warmup, args.eval_images,
@@ -165,10 +169,7 @@ def main(argv=None) -> int:
                     {r["kind"]: r["eval_s_per_image"] for r in mine})
             _write(res, args.json)
         if args.reference:
-            bc = steps.BenchConfig(device=args.device, source_size=src, target_size=tgt,
-                                   precision="fp32", layers=tuple(args.layers),
-                                   width=args.width, channels_last=args.channels_last,
-                                   source_prev_forward=args.source_prev_forward, seed=args.seed)
+            bc = config("fp32")
             for kind in args.reference_stages:
                 log(f"[bench] reference {kind} fp32 source {src} target {tgt} ...")
                 rec = run.measure_reference(kind, bc, args.reference_iters or args.iters,
