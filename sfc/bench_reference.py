@@ -10,7 +10,9 @@ quirks 6, 7, 8), in contrast to `sfc.losses` / `sfc.stages`:
 * `flownet_global` runs under autograd (parameters requiring grad) and its output is detached
   afterwards (quirk 6);
 * SFC stage one also runs the SegNet on source frame t-1 WITH autograd; the output is unused and
-  its graph stays alive until the end of the iteration (quirk 7).
+  its graph stays alive until the end of the iteration (quirk 7);
+* the DeepLab classifiers run as `nn.Conv2d` forward and backward (as in the release), not in the
+  project's GEMM form (`sfc.models.aspp_gemm`).
 Soft masks, EPE and the one-hot masks are written out again here (not imported from
 `sfc.losses`) so that the equality check compares two independent implementations.
 The optimiser is the project's `RepeatedSGD`/Adam (the release's duplicated-list SGD, emulated
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfc import optim
+from sfc.models.aspp_gemm import aspp_impl
 
 AUX_WEIGHT = 0.1
 
@@ -147,6 +150,10 @@ class ReleaseSegNetSFC:
         self.optimizer.load_state_dict(stage.optimizer.state_dict())
 
     def step(self, src: dict, tgt: dict, i: int = 0) -> dict[str, float]:
+        with aspp_impl("conv"):  # the release's nn.Conv2d classifiers
+            return self._step(src, tgt, i)
+
+    def _step(self, src: dict, tgt: dict, i: int) -> dict[str, float]:
         net = self.net.train()
         optim.set_lr(self.optimizer, optim.poly_lr(i, self.cfg.lr, self.cfg.iters))
         self.optimizer.zero_grad(set_to_none=True)

@@ -139,9 +139,10 @@ class SegNetStage(Stage):
         out = {}
         if self.sfc and self.cfg.source_prev_forward:
             # Quirk 7: the release also runs source frame t-1 (output unused); its only effect
-            # is one more BN running-statistics update. Kept, under no_grad.
+            # is one more BN running-statistics update. Kept, under no_grad, and only through
+            # the backbone (the classifiers have no BN): the same statistics, exactly.
             with torch.no_grad(), self.autocast():
-                net(seg[:, :, -2])
+                net.features(seg[:, :, -2])
         with self.autocast():
             l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
         l_seg.backward()

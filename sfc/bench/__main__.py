@@ -24,6 +24,7 @@ import torch
 
 from sfc.bench import measure, report, run, steps
 from sfc.bench.loaders import measure_loaders
+from sfc.models.aspp_gemm import MODES, set_aspp_impl
 
 FAITHFUL = {"source": (1280, 720), "target": (1024, 512)}
 CPU_DEFAULT = (256, 128)
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="SFC stage one without the unused source forward (the engine's switch of quirk 7; "
            "changes only BN running statistics); the release-style reference keeps it")
     a("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    a("--aspp-impl", choices=list(MODES), default="auto",
+      help="DeepLab classifier form in the project's training steps: GEMM (sfc.models.aspp_gemm)"
+           " or nn.Conv2d; auto = GEMM on the CPU only (default). The release-style reference "
+           "always uses nn.Conv2d")
     a("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     a("--reference", action="store_true",
       help="also time the release-style reference (sfc.bench_reference) of SFC stage one and "
@@ -103,6 +108,7 @@ def _meta(args) -> dict:
             "torch": torch.__version__, "python": platform.python_version(),
             "device": dev, "device_name": name, "threads": torch.get_num_threads(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "aspp_impl": args.aspp_impl,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
 
@@ -138,6 +144,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
+    set_aspp_impl(args.aspp_impl)
     src, tgt = _sizes(args)
     res = {"meta": _meta(args), "stages": [], "pipeline": {}, "reference": [], "loaders": None}
     log = lambda s: print(s, flush=True)  # noqa: E731

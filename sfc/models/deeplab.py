@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .aspp_gemm import AsppSum, use_gemm
+
 # Dilations (= paddings) of the four parallel 3x3 convs of DeepLab-v2's "ASPP" classifier.
 ASPP_DILATIONS = (6, 12, 18, 24)
 
@@ -44,7 +46,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + residual)
+        out += residual  # in place, as the release (BN's backward does not need its output)
+        return self.relu(out)
 
 
 class ClassifierModule(nn.Module):
@@ -59,8 +62,12 @@ class ClassifierModule(nn.Module):
         )
         for m in self.conv2d_list:
             m.weight.data.normal_(0, 0.01)  # biases keep PyTorch's default uniform init
+        self.dilations = tuple(dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = [t for m in self.conv2d_list for t in (m.weight, m.bias)]
+        if use_gemm(x, params):  # training on the CPU: the same sum as GEMMs (aspp_gemm.py)
+            return AsppSum.apply(x, self.dilations, *params)
         out = self.conv2d_list[0](x)
         for conv in self.conv2d_list[1:]:
             out = out + conv(x)
@@ -119,13 +126,21 @@ class DeepLabV2(nn.Module):
         mods += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
-    def forward(self, x: torch.Tensor):
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone: `(layer3 output (B, 16w, 1/8), layer4 output (B, 32w, 1/8))`.
+
+        Every BatchNorm of the network is in here (the classifiers have none), so in train mode
+        `features(x)` moves the BN running statistics exactly as `forward(x)` does."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DeepLabV2 expects B×3×H×W input, got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, w, ⌈H/4⌉, ⌈W/4⌉)
         x = self.layer2(self.layer1(x))  # (B, 8w, ⌈H/8⌉, ⌈W/8⌉)
         x3 = self.layer3(x)  # (B, 16w, 1/8)
-        main = self.layer6(self.layer4(x3))  # (B, C, 1/8)
+        return x3, self.layer4(x3)
+
+    def forward(self, x: torch.Tensor):
+        x3, x4 = self.features(x)
+        main = self.layer6(x4)  # (B, C, 1/8)
         if self.multi_level:
             return main, self.layer5(x3)
         return main
