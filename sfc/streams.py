@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from sfc.data.io import normalise_batch
+
 
 class _ListSampler(Sampler):
     def __init__(self, indices: list[int]):
@@ -89,5 +91,8 @@ class TrainStream:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    """Copy a batch's tensors to `device`; a raw "bgr" clip (datasets built with `raw=True`, as
+    training does) becomes "seg" and "flow" there, bit-identical to the float path."""
+    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+             for k, v in batch.items()}
+    return normalise_batch(moved)

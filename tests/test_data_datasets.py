@@ -229,3 +229,56 @@ def test_native_sizes_and_resize_path(tmp_path):
     assert raw.dtype == np.uint16 and raw.shape == (760, 1280, 3) and raw[:, :, 0].min() > 0
     s = SynthiaSeq(root, size=None)[0]
     assert s["label"].shape == (640, 1280) and s["seg"].shape == (3, 2, 640, 1280)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("viper", dict(size=(48, 32), prev_label=True, frames=2)),
+    ("cityscapes", dict(size=(48, 24), split="train", frames=3)),
+    ("synthia_seq", dict(size=(40, 20), prev_label=True, frames=2)),
+])
+def test_raw_items_normalise_to_the_float_items_exactly(tree, name, kw):
+    """raw=True (training): "bgr" uint8, which normalise_batch turns into the float path's
+    "seg"/"flow" bit for bit; every other entry is unchanged."""
+    from sfc.data.io import normalise_batch
+
+    ref = make_dataset(name, tree, **kw)
+    raw = make_dataset(name, tree, raw=True, **kw)
+    assert "raw" in repr(raw)
+    for i in (0, len(ref) - 1):
+        a, b = ref[i], raw[i]
+        assert "seg" not in b and b["bgr"].dtype == torch.uint8
+        assert b["bgr"].shape == a["seg"].shape
+        n = normalise_batch(b)
+        assert set(n) == set(a)
+        for k, v in a.items():
+            assert torch.equal(n[k], v) if torch.is_tensor(v) else n[k] == v, k
+    # batched (B, 3, T, H, W), as the engine's streams deliver them
+    batch = torch.utils.data.default_collate([raw[0], raw[1]])
+    full = torch.utils.data.default_collate([ref[0], ref[1]])
+    n = normalise_batch(batch)
+    assert torch.equal(n["seg"], full["seg"]) and torch.equal(n["flow"], full["flow"])
+
+
+def test_normalise_bgr_tables_cover_every_byte():
+    """Every byte value in every channel: the table equals the float path's operation."""
+    from sfc.data.io import clip_arrays, clip_bgr, normalise_bgr
+
+    v = np.arange(256, dtype=np.uint8)
+    frames = [np.stack([v, np.roll(v, 7), np.roll(v, 100)], axis=1)[None].repeat(2, 0),
+              np.stack([v[::-1], v, np.roll(v, 3)], axis=1)[None].repeat(2, 0)]  # (2, 256, 3)
+    seg, flow = clip_arrays(frames)
+    s, f = normalise_bgr(torch.from_numpy(clip_bgr(frames)))
+    assert torch.equal(s, torch.from_numpy(seg)) and torch.equal(f, torch.from_numpy(flow))
+    with pytest.raises(ValueError, match="uint8"):
+        normalise_bgr(torch.zeros(3, 2, 4, 4))
+
+
+def test_streams_to_device_normalises_raw_batches(tree):
+    from sfc.streams import to_device
+
+    raw = make_dataset("viper", tree, size=(48, 32), raw=True)
+    ref = make_dataset("viper", tree, size=(48, 32))
+    batch = to_device(torch.utils.data.default_collate([raw[0]]), torch.device("cpu"))
+    assert "bgr" not in batch
+    assert torch.equal(batch["seg"][0], ref[0]["seg"])
+    assert torch.equal(batch["flow"][0], ref[0]["flow"])

@@ -17,13 +17,18 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-# loader name → (dataset, constructor kwargs): the training loaders of SPEC §5 at their sizes.
+# loader name → (dataset, constructor kwargs): the training loaders of SPEC §5 at their sizes,
+# as `sfc.train` builds them (raw uint8 clips, normalised on the device after the copy), and
+# for comparison VIPER with the float32 normalisation in the worker (the datasets' default).
 LOADERS = {
-    "viper_f2": ("viper", {"split": "train", "frames": 2, "size": (1280, 720)}),
+    "viper_f2": ("viper", {"split": "train", "frames": 2, "size": (1280, 720), "raw": True}),
     "viper_prev_label": ("viper", {"split": "train", "frames": 2, "size": (1280, 720),
-                                   "prev_label": True}),
-    "cityscapes_f2": ("cityscapes", {"split": "train", "frames": 2, "size": (1024, 512)}),
-    "cityscapes_f3": ("cityscapes", {"split": "train", "frames": 3, "size": (1024, 512)}),
+                                   "prev_label": True, "raw": True}),
+    "cityscapes_f2": ("cityscapes", {"split": "train", "frames": 2, "size": (1024, 512),
+                                     "raw": True}),
+    "cityscapes_f3": ("cityscapes", {"split": "train", "frames": 3, "size": (1024, 512),
+                                     "raw": True}),
+    "viper_f2_float": ("viper", {"split": "train", "frames": 2, "size": (1280, 720)}),
 }
 # bench kind → the loaders it draws one sample from per iteration (source, then target)
 STAGE_LOADERS = {"segnet": ("viper_f2",), "segnet_sfc": ("viper_f2", "cityscapes_f2"),

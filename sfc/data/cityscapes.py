@@ -43,14 +43,15 @@ class CityscapesSeq(ClipDataset):
 
     ``frames=3`` is the stage-two target sample (f-2, f-1, f). Item: "seg", "flow"
     (3, T, H, W) float32, "label" (H, W) int64 train ids of frame f, "name"
-    "CITY_SSSSSS_FFFFFF". ``size`` (W, H), None keeps the files' size.
+    "CITY_SSSSSS_FFFFFF". ``size`` (W, H), None keeps the files' size. ``raw``: "bgr" uint8
+    instead of "seg"/"flow" (``ClipDataset``).
     """
 
     dataset_name = "Cityscapes"
 
     def __init__(self, root, split="val", frames=2, size=(1024, 512), classes=15,
-                 list_file=None):
-        super().__init__(root, frames, size)
+                 list_file=None, raw=False):
+        super().__init__(root, frames, size, raw)
         if classes not in (15, 12):
             raise ValueError(f"classes must be 15 (VIPER protocol) or 12 (SYNTHIA-Seq), "
                              f"got {classes}")
@@ -86,9 +87,10 @@ class CityscapesSeq(ClipDataset):
         city, seq, f = self.items[i]
         name = f"{city}_{seq}_{f:06d}"
         paths = [self.image_path(city, seq, f - k) for k in reversed(range(self.frames))]
-        seg, flow = self.read_clip(paths, name)
+        item = self.read_clip(paths, name)
         label_path = self.label_path(city, seq, f)
         ids = read_index_label(label_path, "Cityscapes labelIds")
         check_ids(ids, CITYSCAPES_NUM_IDS, label_path, "Cityscapes labelIds")
         label = self.lut[resize_label(ids, self.size)]
-        return {"seg": seg, "flow": flow, "label": self.label_tensor(label), "name": name}
+        item.update(label=self.label_tensor(label), name=name)
+        return item

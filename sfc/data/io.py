@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from sfc.data.classes import VIPER_CAR_ID
@@ -149,15 +150,61 @@ def flow_normalise(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bgr.transpose(2, 0, 1))
 
 
-def clip_arrays(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """T RGB frames (oldest first) -> ("seg", "flow") arrays, each (3, T, H, W) float32."""
+def _check_clip(frames: list[np.ndarray]) -> None:
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise DatasetError(f"frames of one clip have different sizes {sorted(shapes)}; pass a "
                            "`size` to resize them")
+
+
+def clip_arrays(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """T RGB frames (oldest first) -> ("seg", "flow") arrays, each (3, T, H, W) float32."""
+    _check_clip(frames)
     seg = np.stack([seg_normalise(f) for f in frames], axis=1)
     flow = np.stack([flow_normalise(f) for f in frames], axis=1)
     return seg, flow
+
+
+def clip_bgr(frames: list[np.ndarray]) -> np.ndarray:
+    """T RGB frames (oldest first) -> the raw clip, (3, T, H, W) uint8 BGR (`normalise_bgr`
+    turns it into "seg" and "flow" on any device)."""
+    _check_clip(frames)
+    return np.ascontiguousarray(np.stack(frames, axis=0)[..., ::-1].transpose(3, 0, 1, 2))
+
+
+# The two normalisations as float32 tables over the 256 byte values: entry v is computed with
+# the same float32 operation as `seg_normalise` / `flow_normalise` apply to a pixel of value v,
+# so looking the bytes up gives bit-identical inputs on any device (tests).
+SEG_LUT = np.arange(256, dtype=np.float32)[None, :] - SEG_MEAN_BGR[:, None]  # (3, 256) B, G, R
+FLOW_LUT = np.arange(256, dtype=np.float32) / 255.0  # (256,)
+_DEVICE_LUTS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def normalise_bgr(bgr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw clips `(..., 3, T, H, W)` uint8 BGR (any device) -> ("seg", "flow") float32 of the
+    same shape, equal to what the datasets return without `raw` (SPEC §2.1)."""
+    if bgr.dtype != torch.uint8 or bgr.dim() < 4 or bgr.shape[-4] != 3:
+        raise ValueError(f"normalise_bgr expects (..., 3, T, H, W) uint8 BGR clips, got "
+                         f"{bgr.dtype} {tuple(bgr.shape)}")
+    key = str(bgr.device)
+    if key not in _DEVICE_LUTS:
+        _DEVICE_LUTS[key] = (torch.from_numpy(SEG_LUT).reshape(-1).to(bgr.device),
+                             torch.from_numpy(FLOW_LUT).to(bgr.device),
+                             (torch.arange(3, device=bgr.device) * 256).view(3, 1, 1, 1))
+    seg_lut, flow_lut, channel_offset = _DEVICE_LUTS[key]
+    idx = bgr.long()
+    return seg_lut[idx + channel_offset], flow_lut[idx]
+
+
+def normalise_batch(batch: dict) -> dict:
+    """A batch or item with a raw "bgr" clip -> the same with "seg" and "flow" instead (others
+    are returned unchanged)."""
+    if "bgr" not in batch:
+        return batch
+    seg, flow = normalise_bgr(batch["bgr"])
+    out = {k: v for k, v in batch.items() if k != "bgr"}
+    out["seg"], out["flow"] = seg, flow
+    return out
 
 
 def read_list_file(path: Path) -> list[str]:

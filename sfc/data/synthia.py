@@ -64,16 +64,16 @@ def parse_synthia_entry(line: str) -> int:
 class SynthiaSeq(ClipDataset):
     """Clips of ``frames`` SYNTHIA-Seq frames ending at an annotated frame.
 
-    Item keys as ViperSeq (``prev_label`` adds "label_prev" and "label_down4x"); "name" is
-    the 6-digit frame id. ``size`` (W, H) after the crop; None keeps the cropped file size.
+    Item keys as ViperSeq (``prev_label`` adds "label_prev" and "label_down4x", ``raw`` gives
+    "bgr"); "name" is the 6-digit frame id. ``size`` (W, H) after the crop; None keeps the cropped file size.
     """
 
     dataset_name = "SYNTHIA-Seq"
     num_classes = 12
 
     def __init__(self, root, split="train", frames=2, size=(1280, 640), prev_label=False,
-                 list_file=None, val_frames=50, holdout_val=False):
-        super().__init__(root, frames, size)
+                 list_file=None, val_frames=50, holdout_val=False, raw=False):
+        super().__init__(root, frames, size, raw)
         if split not in ("train", "val"):
             raise ValueError(f"SYNTHIA-Seq split must be 'train' or 'val', got {split!r}")
         self.split = split
@@ -119,11 +119,10 @@ class SynthiaSeq(ClipDataset):
         f = self.items[i]
         name = f"{f:06d}"
         paths = [self.image_path(f - k) for k in reversed(range(self.frames))]
-        seg, flow = self.read_clip(paths, name, keep_rows=synthia_keep_rows)
+        item = self.read_clip(paths, name, keep_rows=synthia_keep_rows)
         ids = self.read_ids(self.label_path(f))
         size = self.size or (ids.shape[1], ids.shape[0])
-        item = {"seg": seg, "flow": flow, "label": self.label_tensor(
-            SYNTHIA_LUT_12[resize_label(ids, size)]), "name": name}
+        item.update(label=self.label_tensor(SYNTHIA_LUT_12[resize_label(ids, size)]), name=name)
         if self.prev_label:
             prev_path = self.label_path(f - 1)
             if not prev_path.is_file():

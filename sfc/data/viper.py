@@ -46,15 +46,16 @@ class ViperSeq(ClipDataset):
     Item: "seg", "flow" (3, T, H, W) float32; "label" (H, W) int64; "name" "SSS_NNNNN";
     with ``prev_label``: "label_prev" (H, W) (frame f-1) and "label_down4x" (ceil(H/4),
     ceil(W/4)), made native -> size -> size/4 with PIL NEAREST, ego removal and map at 1/4.
-    ``size`` (W, H), None keeps the files' size.
+    ``size`` (W, H), None keeps the files' size. ``raw``: "bgr" uint8 instead of "seg"/"flow"
+    (``ClipDataset``).
     """
 
     dataset_name = "VIPER"
     num_classes = 15
 
     def __init__(self, root, split="train", frames=2, size=(1280, 720), prev_label=False,
-                 list_file=None):
-        super().__init__(root, frames, size)
+                 list_file=None, raw=False):
+        super().__init__(root, frames, size, raw)
         self.split = split
         self.prev_label = bool(prev_label)
         self.require_root("VIPER/{train,val}/{img,cls}/SSS/SSS_NNNNN.{jpg,png}")
@@ -108,11 +109,10 @@ class ViperSeq(ClipDataset):
         if not label_path.is_file():
             raise DatasetError(f"VIPER: missing label {label_path} of annotated frame {name}")
         paths = [self.image_path(seq, f - k) for k in reversed(range(self.frames))]
-        seg, flow = self.read_clip(paths, name)
+        item = self.read_clip(paths, name)
         ids = self.read_ids(label_path)
         size = self.size or (ids.shape[1], ids.shape[0])
-        item = {"seg": seg, "flow": flow, "label": self.label_tensor(self.map_label(ids, size)),
-                "name": name}
+        item.update(label=self.label_tensor(self.map_label(ids, size)), name=name)
         if self.prev_label:
             prev_path = self.label_path(seq, f - 1)
             if not prev_path.is_file():
