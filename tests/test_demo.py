@@ -186,8 +186,11 @@ def test_smoke_demo_synthia_interrupt_and_resume(tmp_path):
     and the next invocation skips stages 1-2 and finishes."""
     env = dict(os.environ, SOURCE="synthia_seq")
     cmd = [sys.executable, "-m", "sfc.demo", "--smoke", "--out", str(tmp_path)]
+    # SIG_DFL in the child: a test runner started in the background (`cmd &`, nohup) passes
+    # SIGINT on as ignored, and Ctrl-C could not be simulated.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:
         seen.append(line)
