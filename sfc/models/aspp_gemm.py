@@ -30,7 +30,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 MODES = ("auto", "gemm", "conv")
