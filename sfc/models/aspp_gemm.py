@@ -97,10 +97,15 @@ def _tap_matrix(ws, taps) -> torch.Tensor:
     return wm.reshape(-1, wm.shape[-1])
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """x is laid out N×H×W×C (and not also plain NCHW, as 1×1 maps can be)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (N, Cin, H, W) as (N, H·W, Cin): a view for NCHW and channels_last memory alike."""
     n, cin, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if _channels_last(x):
         return x.permute(0, 2, 3, 1).reshape(n, h * w, cin)
     return x.reshape(n, cin, h * w).transpose(1, 2)
 
@@ -126,7 +131,7 @@ class AsppSum(torch.autograd.Function):
             out[:, :, oh, ow] += y[:, k, :, ih, iw]
         ctx.dilations = tuple(dilations)
         ctx.save_for_backward(x, *ws)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if _channels_last(x):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
@@ -150,8 +155,7 @@ class AsppSum(torch.autograd.Function):
             g[:, k, :, ih, iw] = go[:, :, oh, ow]
         g = g.view(n, t * c, p)
 
-        channels_last = not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last)
+        channels_last = _channels_last(x)
         xpc = _rows(x)  # (n, p, cin)
 
         grads_w = [None] * len(ws)
