@@ -1,9 +1,14 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both create .venv on first use (torch/torchvision are pinned in requirements.txt).
+# Both create .venv on first use (torch/torchvision are pinned in requirements.txt); `make test`
+# also installs the test tools of requirements-dev.txt into the same .venv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.sfc-installed
+DEV    := $(VENV)/.sfc-dev-installed
+# pytest workers: 2 on the project's 2-core machines (override: make test JOBS=1)
+JOBS   ?= 2
 
 .PHONY: demo test lint venv bench clean-demo
 
@@ -11,17 +16,21 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+$(DEV): $(STAMP) requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	@touch $(DEV)
 
 demo: $(STAMP)
 	$(PY) -m sfc.demo $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+test: $(DEV)
+	$(PY) -m pytest -q -n $(JOBS) $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(PY) -m ruff check sfc tests
 
 bench: $(STAMP)

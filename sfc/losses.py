@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .models.deeplab import upsample_like
+from sfc.models.deeplab import upsample_like
 
 AUX_WEIGHT = 0.1  # multi-level: main + 0.1 · aux (SPEC §4)
 IGNORE = -1

@@ -1,7 +1,10 @@
-"""Pictures: colourised labels, optical flow on a colour wheel, and side-by-side panels.
+"""Pictures: colourised labels, optical flow on the Middlebury colour wheel, image grids.
 
-Everything here returns ``H×W×3`` ``uint8`` RGB arrays (numpy), so that the same images go to
-TensorBoard (``add_image(..., dataformats="HWC")``), to PNG files and into galleries.
+The one pictures module of the package (TensorBoard pictures drawn during training are composed
+from these in :mod:`sfc.train.tb_pictures`). Everything returns ``H×W×3`` ``uint8`` RGB arrays
+(numpy), so that the same images go to TensorBoard (``add_image(..., dataformats="HWC")``), PNG
+files, videos and galleries. Flow colours are ``torchvision.utils.flow_to_image``; grids are
+``torchvision.utils.make_grid`` (titles are a small PIL step on top).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import flow_to_image, make_grid
 
-# SegNet normalisation (SPEC §2.1): BGR, 0-255, minus this mean (B, G, R order).
-SEG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+from sfc.data.io import SEG_MEAN_BGR
+
 IGNORE_COLOUR = (0, 0, 0)
+TITLE_H = 14  # pixels of the title strip above a row with titles
 
 
 def _numpy(x) -> np.ndarray:
@@ -36,7 +41,7 @@ def colorize(label, palette) -> np.ndarray:
 
 def denormalize_seg(seg) -> np.ndarray:
     """SegNet input ``3×H×W`` (BGR, mean-subtracted) → RGB ``H×W×3`` uint8."""
-    bgr = _numpy(seg) + np.asarray(SEG_MEAN_BGR, dtype=np.float32)[:, None, None]
+    bgr = _numpy(seg) + SEG_MEAN_BGR[:, None, None]
     return np.clip(bgr[::-1].transpose(1, 2, 0), 0, 255).round().astype(np.uint8)
 
 
@@ -46,45 +51,37 @@ def denormalize_flow_input(img) -> np.ndarray:
     return np.clip(bgr[::-1].transpose(1, 2, 0), 0, 255).round().astype(np.uint8)
 
 
-def _colour_wheel() -> np.ndarray:
-    """The Middlebury colour wheel (Baker et al. 2011), ``55×3`` in 0-255."""
-    ry, yg, gc, cb, bm, mr = 15, 6, 4, 11, 13, 6
-    cols = []
-    for n, start, end in (
-        (ry, (255, 0, 0), (255, 255, 0)),
-        (yg, (255, 255, 0), (0, 255, 0)),
-        (gc, (0, 255, 0), (0, 255, 255)),
-        (cb, (0, 255, 255), (0, 0, 255)),
-        (bm, (0, 0, 255), (255, 0, 255)),
-        (mr, (255, 0, 255), (255, 0, 0)),
-    ):
-        t = np.arange(n, dtype=np.float64)[:, None] / n
-        cols.append(np.asarray(start, np.float64) * (1 - t) + np.asarray(end, np.float64) * t)
-    return np.concatenate(cols, axis=0)
+def _flow_tensor(flow) -> torch.Tensor:
+    f = torch.as_tensor(_numpy(flow), dtype=torch.float32)
+    if f.dim() != 3 or f.shape[0] != 2:
+        raise ValueError(f"flow must be 2×H×W (u, v), got {tuple(f.shape)}")
+    return f
 
 
-_WHEEL = _colour_wheel()
+def flows_to_rgb(flows: Sequence) -> list[np.ndarray]:
+    """Flows ``2×H×W`` (u, v; equal sizes) → ``H×W×3`` uint8 images on **one** colour scale:
+    hue = direction, saturation = magnitude relative to the largest of all (white = no
+    motion). ``flow_to_image`` normalises by the maximum over its batch, so one call does it."""
+    batch = torch.stack([_flow_tensor(f) for f in flows])  # (N, 2, H, W)
+    return [im.permute(1, 2, 0).numpy() for im in flow_to_image(batch)]
 
 
 def flow_to_rgb(flow, max_mag: float | None = None) -> np.ndarray:
-    """Flow ``2×H×W`` (u, v) → ``H×W×3`` uint8: hue = direction, saturation = magnitude.
+    """One flow ``2×H×W`` → ``H×W×3`` uint8 (``torchvision.utils.flow_to_image``).
 
-    ``max_mag`` sets the magnitude shown fully saturated (default: the largest in the image),
-    so that two flows can be drawn on the same scale.
+    ``max_mag`` fixes the magnitude drawn fully saturated (default: the image's largest).
+    ``flow_to_image`` has no such argument, so magnitudes are clipped to ``max_mag`` and one
+    sentinel pixel of magnitude ``max_mag`` is appended (and cut off again) to set its scale.
     """
-    u, v = _numpy(flow).astype(np.float64)
-    mag = np.sqrt(u**2 + v**2)
-    scale = float(max_mag) if max_mag else float(mag.max())
-    rad = np.clip(mag / scale, 0, 1) if scale > 0 else np.zeros_like(mag)
-    angle = np.arctan2(-v, -u) / np.pi  # in [-1, 1]
-    ncols = len(_WHEEL)
-    fk = (angle + 1) / 2 * (ncols - 1)
-    k0 = np.floor(fk).astype(np.int64)
-    k1 = (k0 + 1) % ncols
-    f = (fk - k0)[..., None]
-    col = (1 - f) * _WHEEL[k0] + f * _WHEEL[k1]  # H×W×3 in 0-255
-    col = 255 - rad[..., None] * (255 - col)  # white at zero motion
-    return np.clip(col, 0, 255).round().astype(np.uint8)
+    f = _flow_tensor(flow)
+    if not max_mag:
+        return flow_to_image(f).permute(1, 2, 0).numpy()
+    mag = f.norm(dim=0, keepdim=True)
+    f = f * torch.clamp(max_mag / mag.clamp(min=1e-12), max=1.0)
+    sentinel = torch.zeros(2, f.shape[1], 1)
+    sentinel[0, 0, 0] = float(max_mag)
+    img = flow_to_image(torch.cat((f, sentinel), dim=2))[:, :, :-1]
+    return img.permute(1, 2, 0).numpy()
 
 
 def resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -94,6 +91,14 @@ def resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, Image.NEAREST))
 
 
+def _grid(images: Sequence[np.ndarray], nrow: int, pad: int) -> np.ndarray:
+    """``make_grid`` of equal-size ``H×W×3`` uint8 images on white, without the outer border."""
+    t = [torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1) for im in images]
+    g = make_grid(t, nrow=nrow, padding=pad, pad_value=255)  # (3, H', W') uint8
+    return np.ascontiguousarray(g.permute(1, 2, 0).numpy()[pad:g.shape[1] - pad,
+                                                           pad:g.shape[2] - pad])
+
+
 def side_by_side(
     images: Sequence[np.ndarray], titles: Sequence[str] | None = None, pad: int = 4
 ) -> np.ndarray:
@@ -101,23 +106,22 @@ def side_by_side(
     if not images:
         raise ValueError("side_by_side needs at least one image")
     h, w = images[0].shape[:2]
-    title_h = 14 if titles else 0
-    n = len(images)
-    canvas = np.full((h + title_h, n * w + (n - 1) * pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        img = resize_nearest(np.ascontiguousarray(img[..., :3]).astype(np.uint8), (w, h))
-        canvas[title_h:, i * (w + pad) : i * (w + pad) + w] = img
-    if titles:
-        pil = Image.fromarray(canvas)
-        draw = ImageDraw.Draw(pil)
-        for i, title in enumerate(titles):
-            draw.text((i * (w + pad) + 2, 1), str(title), fill=(0, 0, 0))
-        canvas = np.asarray(pil)
-    return canvas
+    row = _grid([resize_nearest(np.asarray(im, np.uint8)[..., :3], (w, h)) for im in images],
+                nrow=len(images), pad=pad)
+    if not titles:
+        return row
+    pil = Image.fromarray(np.pad(row, ((TITLE_H, 0), (0, 0), (0, 0)), constant_values=255))
+    draw = ImageDraw.Draw(pil)
+    for i, title in enumerate(titles):
+        draw.text((i * (w + pad) + 2, 1), str(title), fill=(0, 0, 0))
+    return np.asarray(pil)
 
 
 def stack_rows(rows: Sequence[np.ndarray], pad: int = 4) -> np.ndarray:
-    """Stack images vertically (padding the narrower ones on the right with white)."""
+    """Stack images vertically (padding the narrower ones on the right with white).
+
+    Written out rather than ``make_grid``: the rows may differ in height (a titled row above
+    an untitled one), and ``make_grid`` needs equal sizes."""
     width = max(r.shape[1] for r in rows)
     out = []
     for i, r in enumerate(rows):

@@ -10,15 +10,15 @@ import torch
 
 from sfc import losses
 from sfc.bench import steps
-from sfc.bench.__main__ import main as bench_main
+from sfc.bench.cli import main as bench_main
 from sfc.bench.fastopt import check_exact
-from sfc.bench.run import measure_reference
-from sfc.bench_reference import (
+from sfc.bench.reference import (
     ReleaseSegNetSFC,
     release_sf,
     release_sfc_loss,
     release_sfm_loss,
 )
+from sfc.bench.run import measure_reference
 from sfc.models import Accel, DeepLabV2, FlowNetS
 
 TINY = {"layers": (1, 1, 1, 1), "width": 8}

@@ -274,7 +274,7 @@ def test_normalise_bgr_tables_cover_every_byte():
 
 
 def test_streams_to_device_normalises_raw_batches(tree):
-    from sfc.streams import to_device
+    from sfc.train.streams import to_device
 
     raw = make_dataset("viper", tree, size=(48, 32), raw=True)
     ref = make_dataset("viper", tree, size=(48, 32))

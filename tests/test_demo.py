@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sfc import demo
-from sfc.demo_report import build_summary, format_summary
+from sfc.demo.report import build_summary, format_summary
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = [run for run, *_ in demo.STAGES]
@@ -162,6 +163,48 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
     assert one.shape[1] == combined.shape[1] == 6 * 256 + 5 * 4  # six panels in a row
     assert combined.shape[0] > len(frames) * 100
     assert "gallery.png" in (g / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_demo_chains_the_seven_scripts(smoke):
+    """What the smoke demo's seven script runs left behind: each stage consumed the earlier
+    ones' outputs as a user's chain would, and `sfc.evaluate` on the final model gives the
+    in-training validation's number (the demo evaluates the same val frames)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, r, _ = smoke
+    assert r.returncode == 0
+    runs = out / "runs" / "viper"
+    iters = demo.CONFIGS["smoke"]["iters"]
+    for run, _, kind, _ in demo.STAGES:
+        for f in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt"):
+            assert (runs / run / f).is_file(), f"{run}/{f}"
+        res = json.loads((runs / run / "result.json").read_text())
+        assert res["last"]["iter"] == iters[kind] and res["checkpoint_best"] == "best.pt"
+        assert res["monitor"] == ("epe" if kind == "sfm" else "miou")
+        if kind == "sfm":
+            assert res["best"]["value"] > 0 and res["per_class_last"] is None
+        else:
+            assert 0.0 <= res["best"]["value"] <= 1.0 and len(res["per_class_last"]) == 15
+    log = (runs / "SFC/stage_two/train/log.txt").read_text()
+    assert str(runs / "SFC/stage_one/update/best.pt") in log
+    assert str(runs / "SFM/train/best.pt") in log
+    final = torch.load(runs / "SFC/stage_two/train/best.pt", weights_only=True)
+    assert set(final["models"]) == {"accel", "flownet_global", "sfm"}
+    train_logs = [json.loads(x) for x in
+                  (runs / "SFC/stage_one/update/metrics.jsonl").read_text().splitlines()]
+    assert any("sfc" in x for x in train_logs if x["split"] == "train")
+    # TensorBoard pictures at each evaluation (prediction|label, and SF next to the flow)
+    for run, tags in (("SFC/stage_one/update", {"pred|label", "flow/SF|OF"}),
+                      ("SFC/stage_two/train", {"pred|label", "flow/SF|OF"}),
+                      ("SFM/train", {"flow/SF_gt|OF"})):
+        ea = EventAccumulator(str(runs / run / "tb"))
+        ea.Reload()
+        assert set(ea.Tags()["images"]) == tags, run
+        assert "val_iou/road" in ea.Tags()["scalars"] or run == "SFM/train"
+    ev = json.loads((out / "eval" / "SFC__stage_two__train__best.json").read_text())
+    res = json.loads((runs / "SFC/stage_two/train/result.json").read_text())
+    assert abs(ev["miou"] - res["best"]["value"]) < 1e-9
 
 
 @pytest.mark.slow

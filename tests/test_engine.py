@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from sfc import runio, train
+from sfc import train
+from sfc.train import runio
 
 TINY = ["--layers", "1", "1", "1", "1", "--width", "8", "--source-size", "64", "32",
         "--target-size", "64", "32", "--num-workers", "0", "--val-limit", "2",

@@ -19,7 +19,8 @@ def _worker(rank, world, port, data_root, out, dump):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from sfc import dist, engine, train
+    from sfc import dist, train
+    from sfc.train import engine
 
     args = train.resolve(train.build_parser().parse_args([
         "--stage", "segnet", "--data", data_root, "--out", out, "--iters", "2",

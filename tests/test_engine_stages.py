@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from sfc import stages, train
+from sfc import train
 from sfc.models import DeepLabV2, FlowNetS
+from sfc.train import stages
 
 SMALL = ["--layers", "1", "1", "1", "1", "--width", "8", "--num-workers", "0"]
 H, W = 32, 64
@@ -130,7 +131,7 @@ def test_sfm_stage_step(weights):
 
 
 def test_inputs_resolve_run_dirs(tmp_path):
-    from sfc import inputs
+    from sfc.train import inputs
 
     run = tmp_path / "run"
     run.mkdir()

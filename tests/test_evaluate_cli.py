@@ -12,7 +12,7 @@ from test_evaluate import EVAL, NATIVE, tiny_accel, tiny_segnet, write_cityscape
 from sfc.data import CityscapesSeq
 from sfc.data.classes import get_protocol
 from sfc.evaluate import NativeLabels, evaluate_accel, evaluate_segnet, main, make_eval_loader
-from sfc.runio import CHECKPOINT_FORMAT
+from sfc.train.runio import CHECKPOINT_FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def cli(data_root, ckpt, *extra):
 
 
 def project_ckpt(path, stage, models, source="viper"):
-    """The layout of sfc.engine's best.pt / last.pt."""
+    """The layout of sfc.train.engine's best.pt / last.pt."""
     torch.save({"format": CHECKPOINT_FORMAT, "stage": stage, "iter": 400,
                 "models": {k: m.state_dict() for k, m in models.items()},
                 "config": {"stage": stage, "source": source, "layers": [1, 1, 1, 1],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sfc.data.classes import get_protocol
-from sfc.metrics import (
+from sfc.evaluate.metrics import (
     confusion_matrix,
     format_table,
     iou_from_confusion,

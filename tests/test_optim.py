@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from sfc import optim
 from sfc.models import Accel, DeepLabV2
+from sfc.train import optim
 
 
 def _release_duplicated_list(net):

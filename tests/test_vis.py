@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+from torchvision.utils import flow_to_image
 
 from sfc import vis
 
@@ -20,32 +21,59 @@ def test_colorize_maps_ids_and_ignore():
 def test_denormalize_seg_inverts_segnet_normalisation():
     rgb = np.array([[[10, 200, 30]]], dtype=np.uint8)  # 1×1 RGB
     bgr = rgb[..., ::-1].astype(np.float32).transpose(2, 0, 1)
-    seg = bgr - np.asarray(vis.SEG_MEAN_BGR, np.float32)[:, None, None]
+    seg = bgr - np.asarray([104.00698793, 116.66876762, 122.67891434], np.float32)[:, None, None]
     assert vis.denormalize_seg(torch.from_numpy(seg)).tolist() == rgb.tolist()
     flow_in = bgr / 255.0
     assert vis.denormalize_flow_input(flow_in).tolist() == rgb.tolist()
 
 
-def test_flow_to_rgb_zero_is_white_and_directions_differ():
-    flow = np.zeros((2, 3, 4), np.float32)
-    assert (vis.flow_to_rgb(flow) == 255).all()
+def _flow():
+    flow = torch.zeros(2, 3, 4)
     flow[0, 0, 0] = 1.0  # rightwards
     flow[0, 0, 1] = -1.0  # leftwards
     flow[1, 0, 2] = 1.0  # downwards
-    rgb = vis.flow_to_rgb(flow).astype(int)
-    assert rgb[0, 0].tolist() != rgb[0, 1].tolist() != rgb[0, 2].tolist()
-    # full magnitude: fully saturated, some channel reaches 0 or the colour is pure
-    assert rgb[0, 0].min() < 50
-    # half the max magnitude on a fixed scale is paler than the full one
+    return flow
+
+
+def test_flow_to_rgb_is_torchvision_flow_to_image():
+    flow = _flow() + 0.3 * torch.randn(2, 3, 4)
+    want = flow_to_image(flow).permute(1, 2, 0).numpy()
+    assert np.array_equal(vis.flow_to_rgb(flow), want)
+    assert np.array_equal(vis.flow_to_rgb(flow.numpy()), want)  # numpy in, same picture
+
+
+def test_flow_to_rgb_zero_is_white_and_directions_differ():
+    assert (vis.flow_to_rgb(torch.zeros(2, 3, 4)) == 255).all()
+    rgb = vis.flow_to_rgb(_flow()).astype(int)
+    assert (rgb[1:] == 255).all()  # no motion: white
+    assert len({tuple(rgb[0, k]) for k in range(3)}) == 3  # three directions, three hues
+    assert all(rgb[0, k].min() == 0 for k in range(3))  # full magnitude: fully saturated
+
+
+def test_fixed_scale_and_shared_scale():
+    flow = _flow()
+    full = vis.flow_to_rgb(flow).astype(int)
     half = vis.flow_to_rgb(flow * 0.5, max_mag=1.0).astype(int)
-    assert half[0, 0].min() > rgb[0, 0].min()
+    # half the max magnitude on a fixed scale is paler: halfway between the colour and white
+    assert np.abs(half[0, 0] - (full[0, 0] + 255) / 2).max() <= 1
+    # a fixed scale equal to the flow's own maximum is the plain picture
+    assert np.array_equal(vis.flow_to_rgb(flow, max_mag=1.0), full)
+    # magnitudes beyond max_mag are clipped to full saturation
+    assert np.array_equal(vis.flow_to_rgb(flow * 3, max_mag=1.0), full)
+    # one scale for two flows: the weaker one is drawn as on the stronger one's scale
+    a, b = vis.flows_to_rgb([flow, flow * 0.5])
+    assert np.array_equal(a, full) and np.array_equal(b, half)
 
 
 def test_side_by_side_and_stack_rows_shapes():
     a = np.zeros((8, 10, 3), np.uint8)
     b = np.full((4, 5, 3), 200, np.uint8)  # resized to a's size
     row = vis.side_by_side([a, b], titles=["a", "b"], pad=2)
-    assert row.shape == (8 + 14, 2 * 10 + 2, 3)
+    assert row.shape == (8 + vis.TITLE_H, 2 * 10 + 2, 3)
+    assert (row[14:, :10] == 0).all() and (row[14:, 10:12] == 255).all()
     assert (row[14:, 12:] == 200).all()
+    assert (row[:14] != 255).any()  # the titles are drawn
+    assert np.array_equal(vis.side_by_side([a, b], pad=2), row[14:])
     grid = vis.stack_rows([row, a], pad=3)
     assert grid.shape == (22 + 3 + 8, 22, 3)
+    assert (grid[25:, :10] == 0).all() and (grid[25:, 10:] == 255).all()

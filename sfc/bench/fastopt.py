@@ -1,4 +1,4 @@
-"""The multi-tensor (`torch._foreach_*`) path of `sfc.optim.RepeatedSGD` (used on CUDA by
+"""The multi-tensor (`torch._foreach_*`) path of `sfc.train.optim.RepeatedSGD` (used on CUDA by
 default; `foreach=True` forces it) and its exactness check against the single-tensor path.
 Same update, elementwise the same operations in the same order:
 for repeat r = 0..max(k)-1 it updates, in one foreach call per operation, every parameter whose
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sfc.optim import RepeatedSGD
+from sfc.train.optim import RepeatedSGD
 
 
 def ForeachRepeatedSGD(params, lr, momentum=0.9, weight_decay=5e-4):  # noqa: N802
@@ -38,8 +38,8 @@ def check_exact(device: str = "cpu", steps: int = 3) -> None:
     """Raise AssertionError unless `ForeachRepeatedSGD` equals `RepeatedSGD` bit for bit on a
     tiny multi-level DeepLab-v2 with the release's repeat counts: a first step (no momentum
     buffers), later steps, and a parameter without gradient in the last step."""
-    from sfc import optim
     from sfc.models import DeepLabV2
+    from sfc.train import optim
 
     torch.manual_seed(0)
     a = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8).to(device)

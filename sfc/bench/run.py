@@ -78,7 +78,7 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     rounding differences grow chaotically within a few steps at batch 1 and random init.
     Per-iteration times of both; the order alternates each iteration, so load from other
     processes hits both alike."""
-    from sfc.bench_reference import REFERENCES
+    from sfc.bench.reference import REFERENCES
 
     if kind not in REFERENCES:
         raise ValueError(f"no release-style reference for {kind!r}; have {sorted(REFERENCES)}")

@@ -1,8 +1,8 @@
 """The five stage kinds of the benchmark, built from the project's real training code.
 
-Each bench stage is a `sfc.stages` object made by `sfc.stages.build_stage` from a config that
+Each bench stage is a `sfc.train.stages` object made by `build_stage` from a config that
 `sfc.train`'s own parser resolves (the flags the `exp/` scripts pass), so the benchmark times
-exactly `Stage.train_step` plus the optimiser step as `sfc.engine` runs them:
+exactly `Stage.train_step` plus the optimiser step as `sfc.train.engine` runs them:
     train_mode → set LR → zero_grad(set_to_none) → train_step(src, tgt) → optimizer.step().
 Inputs that the real stages read from earlier runs (stage-one SegNets, the stage-two FlowNet,
 the SFM) are random-init networks written to a temporary folder in the release's file formats.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sfc import stages
 from sfc.models import DeepLabV2, FlowNetS
+from sfc.train import stages
 
 KINDS = ("segnet", "segnet_sfc", "accel", "accel_sfc", "sfm")
 # bench kind → (sfc.train --stage, SFC weight of the paper's script)
@@ -92,7 +92,7 @@ def write_input_checkpoints(ckpt_dir: Path, bc: BenchConfig) -> None:
 
 
 def build(kind: str, bc: BenchConfig, ckpt_dir: Path | None = None, log=lambda s: None):
-    """The real `sfc.stages` stage of this bench kind (inputs written to `ckpt_dir`, or a
+    """The real `sfc.train.stages` stage of this bench kind (inputs written to `ckpt_dir`, or a
     temporary folder removed afterwards)."""
     from sfc.train import build_parser, resolve  # the real flag parsing and defaults
 
@@ -166,7 +166,7 @@ def make_val_items(kind: str, bc: BenchConfig, n: int, seed: int = 1) -> list[di
 
 def train_iteration(stage, src: dict, tgt: dict | None, i: int = 0,
                     phases: dict | None = None) -> dict[str, float]:
-    """One training iteration exactly as `sfc.engine.Trainer.run` performs it (one process).
+    """One training iteration exactly as `sfc.train.engine.Trainer.run` performs it (one process).
     `phases`: if given, gets the synchronised seconds of the optimiser step under "opt_s"."""
     stage.train_mode()
     stage.set_iteration_lr(i)

@@ -24,7 +24,7 @@ class ClipDataset(Dataset):
     """Base: ``self.items`` lists annotated frames; subclasses say where files live.
 
     ``raw=True``: items carry the clip as "bgr" (3, T, H, W) uint8 instead of the float32
-    "seg" and "flow"; ``sfc.data.io.normalise_batch`` (called by ``sfc.streams.to_device``
+    "seg" and "flow"; ``sfc.data.io.normalise_batch`` (called by ``sfc.train.streams.to_device``
     after the copy) makes the same "seg"/"flow", bit for bit, on the device. Training uses it:
     workers skip the float work and send 8× fewer bytes.
     """

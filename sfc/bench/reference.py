@@ -2,7 +2,7 @@
 `python -m sfc.bench --reference` can check the project's loss values against it and time both.
 
 What makes it "release-style" (how the authors' code computed these losses; SPEC §3.5, §4 and
-quirks 6, 7, 8), in contrast to `sfc.losses` / `sfc.stages`:
+quirks 6, 7, 8), in contrast to `sfc.losses` / `sfc.train.stages`:
 * segmentation-based flow: a Python loop of one SFM call per class (and per sample), each on a
   `1×6×H×W` input, summed; SFM pre-training skips the classes absent from both labels;
 * the SFM keeps `requires_grad=True` in the SFC stages: its weight gradients are computed on
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfc import optim
 from sfc.models.aspp_gemm import aspp_impl
+from sfc.train import optim
 
 AUX_WEIGHT = 0.1
 

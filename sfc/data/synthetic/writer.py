@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sfc.data.scene import CANON, Scene
-from sfc.data.styles import (
+from sfc.data.synthetic.scene import CANON, Scene
+from sfc.data.synthetic.styles import (
     CITYSCAPES_IDS,
     CITYSCAPES_STYLE,
     SYNTHIA_IDS,
@@ -199,7 +199,3 @@ def main(argv=None) -> None:
     n = generate(a.out, seed=a.seed, datasets=a.datasets, native=a.native, tiny=a.tiny,
                  sizes=sizes, synthia_layout=a.synthia_layout, progress=True, **counts)
     print(f"wrote {n} frames under {a.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ Protocols (SPEC §6, quirk 9):
   Cityscapes — what the dataset item's ``"label"`` already is.
 * ``full``: logits upsampled bilinearly (``align_corners=False``) to the label's native size
   (2048×1024) and compared with the native label (DA-VSN / TPS). The loader's items must carry
-  ``"label_full"``: wrap the dataset in :class:`sfc.evaluation.native.NativeLabels`.
+  ``"label_full"``: wrap the dataset in :class:`sfc.evaluate.native.NativeLabels`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sfc import dist
-from sfc.metrics import confusion_matrix, iou_from_confusion
+from sfc.evaluate.metrics import confusion_matrix, iou_from_confusion
 
 PROTOCOLS = ("release", "full")
 LABEL_KEYS = {"release": "label", "full": "label_full"}
@@ -46,7 +46,7 @@ def _label_of(batch: dict, protocol: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(
             f"protocol {protocol!r} needs batch[{key!r}] (native-resolution labels): wrap the "
-            "dataset in sfc.evaluation.NativeLabels"
+            "dataset in sfc.evaluate.NativeLabels"
         )
     return batch[key]
 

@@ -8,7 +8,7 @@ target (measured in docs/data.md).
 
 from __future__ import annotations
 
-from sfc.data.scene import Style
+from sfc.data.synthetic.scene import Style
 
 _COMMON = {"marking": (215, 215, 205), "glass": (45, 55, 70), "tyre": (25, 25, 25),
            "trunk": (90, 65, 40), "traffic light": (40, 40, 40)}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sfc.data import get_protocol, make_dataset
-from sfc.metrics import confusion_matrix, iou_from_confusion
+from sfc.evaluate.metrics import confusion_matrix, iou_from_confusion
 from sfc.models import DeepLabV2
 
 

@@ -8,7 +8,7 @@
 3. scores the source-only Accel and the final SFC Accel with `python -m sfc.evaluate`;
 4. prints a table (every stage's target-val mIoU or the SFM's EPE, the final model's per-class
    IoU) and writes it as JSON to `<out>/summary.json`;
-5. draws a gallery of target-val frames (`sfc.demo_gallery`).
+5. draws a gallery of target-val frames (`sfc.demo.gallery`).
 
 Interrupting (Ctrl-C) and re-running resumes: a finished stage (its `result.json` exists) is
 skipped, an interrupted one resumes from its `last.pt` (the engine does that).
@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from sfc.demo_report import build_summary, format_summary
+from sfc.demo.report import build_summary, format_summary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HINT = "Interrupted. Run the same command again to resume (finished stages are skipped)."
 
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         run_stages(out, cfg, args.source, timings)
         evals = evaluate(out, cfg, args.source, timings)
         summary = build_summary(out, args.source, mode, cfg, STAGES, evals, timings)
-        from sfc.demo_gallery import make_gallery
+        from sfc.demo.gallery import make_gallery
 
         print("\n[gallery] drawing target-val frames ...", flush=True)
         summary["gallery"] = make_gallery(out, args.source, cfg["target_size"],
@@ -264,7 +264,3 @@ def main(argv=None) -> int:
         print(f"\nsfc.demo: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sfc import checkpoints
-from sfc.runio import CHECKPOINT_FORMAT
+from sfc.train.runio import CHECKPOINT_FORMAT
 
 # The run that produces each input (for error messages): stage-script paths under exp/.
 PRODUCERS = {

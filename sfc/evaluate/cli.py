@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,10 @@ from torch.utils.data import Subset
 from sfc import dist
 from sfc.checkpoints import CheckpointFormatError
 from sfc.data.io import DatasetError
-from sfc.evaluation.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
-from sfc.evaluation.core import evaluate_accel, evaluate_segnet
-from sfc.evaluation.data import NativeLabels, make_eval_loader
-from sfc.metrics import format_table, metrics_record, write_csv, write_json
+from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
+from sfc.evaluate.core import evaluate_accel, evaluate_segnet
+from sfc.evaluate.data import NativeLabels, make_eval_loader
+from sfc.evaluate.metrics import format_table, metrics_record, write_csv, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +156,3 @@ def main(argv=None) -> int:
     finally:
         dist.cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -134,7 +134,7 @@ class Data:
 
 def build_data(cfg) -> Data:
     c = cfg.num_classes
-    # Training clips travel as uint8 and are normalised on the device (sfc.streams.to_device):
+    # Training clips travel as uint8 and are normalised on the device (sfc.train.streams.to_device):
     # the same tensors as the float path, less work in the workers.
     src_kw = {"frames": 2, "size": tuple(cfg.source_size), "list_file": cfg.source_list,
               "raw": True}
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
     args = resolve(build_parser().parse_args(argv))
     try:
-        from sfc.engine import train
+        from sfc.train.engine import train
 
         return train(args, build_data(args))
     except (DatasetError, CheckpointFormatError, FileNotFoundError) as e:
@@ -179,7 +179,3 @@ def main(argv=None) -> int:
         # one clear line, not a traceback from deep inside.
         print(f"sfc.train: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,9 +26,10 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from sfc import dist, pictures, runio
-from sfc.stages import NonFiniteLoss, build_stage
-from sfc.streams import TrainStream, to_device
+from sfc import dist
+from sfc.train import runio, tb_pictures
+from sfc.train.stages import NonFiniteLoss, build_stage
+from sfc.train.streams import TrainStream, to_device
 
 
 class _Signals:
@@ -199,7 +200,7 @@ class Trainer:
                 self.vis_batch = next(iter(DataLoader(self.val_loader.dataset, batch_size=1)))
             batch = to_device(self.vis_batch, self.device)
             palette = self.data.protocol.palette if self.data.protocol else None
-            for tag, img in pictures.draw(self.stage, batch, palette).items():
+            for tag, img in tb_pictures.draw(self.stage, batch, palette).items():
                 self.log.image(tag, img, self.iter)
         except Exception as e:  # pictures must never stop a run
             self.log.info(f"warning: could not draw evaluation pictures: {e!r}")

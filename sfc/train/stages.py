@@ -20,9 +20,10 @@ import contextlib
 import torch
 from torch import nn
 
-from sfc import checkpoints, inputs, losses, optim
-from sfc.evaluation.core import evaluate_accel, evaluate_segnet, evaluate_sfm
+from sfc import checkpoints, losses
+from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
+from sfc.train import inputs, optim
 
 
 class NonFiniteLoss(RuntimeError):

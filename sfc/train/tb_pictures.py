@@ -16,8 +16,7 @@ from sfc import losses, vis
 
 def _flows(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
     """Two flows `2×h×w` on one colour scale."""
-    m = float(max(a.norm(dim=0).max(), b.norm(dim=0).max(), 1e-6))
-    return [vis.flow_to_rgb(a, max_mag=m), vis.flow_to_rgb(b, max_mag=m)]
+    return vis.flows_to_rgb([a, b])
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def _arch(sd: dict, prefix: str, path: str) -> tuple[tuple[int, ...], int, int, 
 def _flat_state_dict(path: str, obj) -> tuple[dict, str, dict, dict]:
     """(flat state dict, format, config, meta) of a loaded checkpoint object.
 
-    This project's run checkpoints (``sfc.runio``: ``{"format": "sfc-run-v1", "stage", "iter",
+    This project's run checkpoints (``sfc.train.runio``: ``{"format": "sfc-run-v1", "stage", "iter",
     "models": {net_name: state_dict}, "config", ...}``) are flattened to ``net_name.key``;
     ``{"model": state_dict, "config": ...}`` dicts and bare state dicts are taken as they are.
     """

@@ -22,7 +22,7 @@ import torch
 from sfc import vis
 from sfc.data import make_dataset
 from sfc.data.classes import get_protocol
-from sfc.evaluation.checkpoint import build_model, inspect_checkpoint
+from sfc.evaluate.checkpoint import build_model, inspect_checkpoint
 from sfc.losses import segmentation_based_flow, soft_masks
 from sfc.models import Accel, FlowNetS
 
@@ -98,7 +98,7 @@ def frame_panels(item: dict, so: Accel, sfc: Accel, flownet_global: FlowNetS, sf
     panels = [vis.denormalize_seg(seg[0, :, 2]), vis.colorize(item["label"], palette),
               vis.colorize(so_logits.argmax(1)[0], palette),
               vis.colorize(sfc_cur.argmax(1)[0], palette),
-              vis.flow_to_rgb(of, max_mag=mag), vis.flow_to_rgb(sf, max_mag=mag)]
+              *vis.flows_to_rgb([of, sf])]
     h, w = panels[0].shape[:2]
     panels = [vis.resize_nearest(p, (w, h)) for p in panels]  # flows: 1/4 grid -> frame size
     return [_enlarge(p, PANEL_W) for p in panels], mag

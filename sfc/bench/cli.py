@@ -1,0 +1,201 @@
+"""`python -m sfc.bench` — per-stage training-step benchmark, release-style reference, loaders.
+
+    python -m sfc.bench                                  # CPU, 256×128, all five stages, fp32
+    python -m sfc.bench --device cuda --precision fp32 bf16 --channels-last --cudnn-benchmark
+    python -m sfc.bench --stages segnet_sfc --reference --size 256 128 --iters 3 --warmup 1
+    python -m sfc.bench --stages segnet --loaders --json out.json
+
+Sizes: CUDA defaults to the faithful 1280×720 source (VIPER) and 1024×512 target (Cityscapes);
+CPU to 256×128 for both. The table is printed and written next to the JSON (`.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sfc.bench import measure, report, run, steps
+from sfc.bench.loaders import measure_loaders
+from sfc.models.aspp_gemm import MODES, set_aspp_impl
+
+FAITHFUL = {"source": (1280, 720), "target": (1024, 512)}
+CPU_DEFAULT = (256, 128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sfc.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    a = p.add_argument
+    a("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    a("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+      help="source and target size (W H); default CUDA 1280 720 / 1024 512, CPU 256 128")
+    a("--source-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+      help="source size only (overrides --size)")
+    a("--target-size", type=int, nargs=2, metavar=("W", "H"), default=None,
+      help="target size only (overrides --size)")
+    a("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+      help="one row per precision (bf16 = autocast, the engine's --amp bf16)")
+    a("--stages", nargs="*", choices=list(steps.KINDS), default=list(steps.KINDS),
+      help="stage kinds to time (none: only --reference / --loaders)")
+    a("--iters", type=int, default=5, help="timed iterations per stage")
+    a("--warmup", type=int, default=2, help="untimed iterations before timing")
+    a("--no-flops", dest="flops", action="store_false",
+      help="skip the FLOP count (one extra step per stage)")
+    a("--eval-images", type=int, default=2,
+      help="validation images timed per stage for the evaluation-cost estimate (0: skip)")
+    a("--layers", type=int, nargs=4, default=(3, 4, 23, 3), help="ResNet block counts")
+    a("--width", type=int, default=64, help="ResNet stem width")
+    a("--channels-last", action="store_true",
+      help="channels_last networks (the engine's --channels-last; CUDA only)")
+    a("--foreach-sgd", action="store_true",
+      help="replace RepeatedSGD by the proposed multi-tensor version (sfc.bench.fastopt)")
+    a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
+      help="SFC stage one without the unused source forward (the engine's switch of quirk 7; "
+           "changes only BN running statistics); the release-style reference keeps it")
+    a("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    a("--aspp-impl", choices=list(MODES), default="auto",
+      help="DeepLab classifier form in the project's training steps: GEMM (sfc.models.aspp_gemm)"
+           " or nn.Conv2d; auto = GEMM on the CPU only (default). The release-style reference "
+           "always uses nn.Conv2d")
+    a("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    a("--reference", action="store_true",
+      help="also time the release-style reference (sfc.bench.reference) of SFC stage one and "
+           "the SFM in lockstep with the project's step; losses must agree (rtol 1e-4)")
+    a("--reference-stages", nargs="+", choices=["segnet_sfc", "sfm"],
+      default=["segnet_sfc", "sfm"], help="which references to run with --reference")
+    a("--reference-iters", type=int, default=None, help="timed reference iterations "
+      "(default --iters)")
+    a("--loaders", action="store_true",
+      help="measure the data loaders on a native-size synthetic tree (written to a temp dir)")
+    a("--loader-samples", type=int, default=8, help="timed samples per loader")
+    a("--loader-workers", type=int, default=0,
+      help="also measure each loader with this many workers (0: only one worker)")
+    a("--loader-data", default=None,
+      help="read the loaders' tree from this data root instead of generating one")
+    a("--steps-from", nargs="+", default=None, metavar="JSON",
+      help="--loaders: take the step times that set the pace from these earlier bench JSONs "
+           "(fastest per stage) instead of this run's stages")
+    a("--json", default=None, help="write the results here (and the table to the same path "
+                                    "with .md); default: print only")
+    a("--seed", type=int, default=0, help="seed of the synthetic inputs and networks")
+    return p
+
+
+def _sizes(args) -> tuple[tuple[int, int], tuple[int, int]]:
+    if args.size is not None:
+        src = tgt = tuple(args.size)
+    elif args.device == "cuda":
+        src, tgt = FAITHFUL["source"], FAITHFUL["target"]
+    else:
+        src = tgt = CPU_DEFAULT
+    return tuple(args.source_size or src), tuple(args.target_size or tgt)
+
+
+def _meta(args) -> dict:
+    dev = args.device
+    name = (torch.cuda.get_device_name(0) if dev == "cuda"
+            else (platform.processor() or platform.machine()) + f" ({os.cpu_count()} CPUs)")
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": dev, "device_name": name, "threads": torch.get_num_threads(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "aspp_impl": args.aspp_impl,
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
+
+
+def _pace(res: dict, paths) -> dict[str, float]:
+    """Stage kind → the fastest measured step time (s): the pace the loaders must keep."""
+    recs = list(res["stages"])
+    for p in paths or ():
+        if Path(p).is_file():
+            recs += json.loads(Path(p).read_text()).get("stages", [])
+    fastest: dict[str, float] = {}
+    for r in recs:
+        fastest[r["kind"]] = min(fastest.get(r["kind"], float("inf")), r["step_s"])
+    return fastest
+
+
+def _write(res: dict, path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, p)
+    p.with_suffix(".md").write_text(report.full_report(res))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    set_aspp_impl(args.aspp_impl)
+    src, tgt = _sizes(args)
+    res = {"meta": _meta(args), "stages": [], "pipeline": {}, "reference": [], "loaders": None}
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    def config(precision: str, **extra) -> steps.BenchConfig:
+        return steps.BenchConfig(device=args.device, source_size=src, target_size=tgt,
+                                 precision=precision, layers=tuple(args.layers),
+                                 width=args.width, channels_last=args.channels_last,
+                                 source_prev_forward=args.source_prev_forward, seed=args.seed,
+                                 **extra)
+
+    with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
+        for prec in args.precision:
+            bc = config(prec, foreach_sgd=args.foreach_sgd)
+            for kind in args.stages:
+                log(f"[bench] {kind} {prec} source {src} target {tgt} ...")
+                rec = run.measure_stage(kind, bc, args.iters, args.warmup, args.eval_images,
+                                        args.flops, ckpt_dir=ckpt_dir, log=log)
+                log(f"[bench] {kind} {prec}: {rec['step_s'] * 1e3:.1f} ms/step, "
+                    f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
+                    f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
+                res["stages"].append(rec)
+                run.release_memory(args.device)
+                _write(res, args.json)
+            mine = [r for r in res["stages"] if r["precision"] == prec]
+            if mine:
+                res["pipeline"][prec] = measure.pipeline_estimate(
+                    {r["kind"]: r["step_s"] for r in mine},
+                    {r["kind"]: r["eval_s_per_image"] for r in mine})
+            _write(res, args.json)
+        if args.reference:
+            bc = config("fp32")
+            for kind in args.reference_stages:
+                log(f"[bench] reference {kind} fp32 source {src} target {tgt} ...")
+                rec = run.measure_reference(kind, bc, args.reference_iters or args.iters,
+                                            args.warmup, ckpt_dir=ckpt_dir, log=log)
+                log(f"[bench] reference {kind}: project {rec['project_step_s'] * 1e3:.1f} ms, "
+                    f"release-style {rec['reference_step_s'] * 1e3:.1f} ms, "
+                    f"speed-up {rec['speedup']:.2f}x, losses equal: {rec['losses_equal']}")
+                res["reference"].append(rec)
+                run.release_memory(args.device)
+                _write(res, args.json)
+    if args.loaders:
+        res["loaders"] = measure_loaders(args.loader_samples, _pace(res, args.steps_from),
+                                         args.device, args.loader_data, args.loader_workers,
+                                         log=log)
+        _write(res, args.json)
+    print(report.full_report(res), flush=True)
+    bad = [r["kind"] for r in res["reference"] if not r["losses_equal"]]
+    if bad:
+        print(f"ERROR: release-style reference losses differ from the project's for {bad}",
+              file=sys.stderr)
+        return 2
+    return 0
