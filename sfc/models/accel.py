@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .deeplab import DeepLabV2, upsample_like
+from .deeplab import DeepLabV2, run_float32, upsample_like
 from .flownet import FlowNetS
 from .warp import warp
 
@@ -32,6 +32,16 @@ class Accel(nn.Module):
         nn.init.zeros_(self.merge.bias)
         self.flownet = FlowNetS()
 
+    @property
+    def fp32_heads(self) -> bool:
+        """Under autocast, run both classifiers and `merge` in float32 (the SFC stage-two loss
+        builds soft masks at scale 100 from these logits; see `DeepLabV2._head`)."""
+        return self.net_update.fp32_heads
+
+    @fp32_heads.setter
+    def fp32_heads(self, on: bool) -> None:
+        self.net_ref.fp32_heads = self.net_update.fp32_heads = bool(on)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What both Accel stages train (SPEC §3.4): merge, flownet, both layer6."""
         mods = (self.merge, self.flownet, self.net_ref.layer6, self.net_update.layer6)
@@ -51,5 +61,9 @@ class Accel(nn.Module):
             flow = self.flownet(torch.cat((flow_clip[:, :, i + 1], flow_clip[:, :, i]), 1))
             ref = warp(ref, flow)
         upd = upsample_like(self.net_update(seg_clip[:, :, t - 1]), grid)
-        out = self.merge(torch.cat((ref, upd), 1))  # (B, C, H/4, W/4)
+        both = torch.cat((ref, upd), 1)  # (B, 2C, H/4, W/4)
+        if self.fp32_heads and torch.is_autocast_enabled(both.device.type):
+            out = run_float32(self.merge, both)
+        else:
+            out = self.merge(both)  # (B, C, H/4, W/4)
         return upsample_like(out, size)  # (B, C, H, W)

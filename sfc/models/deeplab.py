@@ -89,6 +89,7 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"layers must be four block counts >= 1, got {layers}")
         self.num_classes = num_classes
         self.multi_level = multi_level
+        self.fp32_heads = False  # set by the SFC stages under bf16 autocast (see _head)
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -140,10 +141,18 @@ class DeepLabV2(nn.Module):
 
     def forward(self, x: torch.Tensor):
         x3, x4 = self.features(x)
-        main = self.layer6(x4)  # (B, C, 1/8)
+        main = self._head(self.layer6, x4)  # (B, C, 1/8)
         if self.multi_level:
-            return main, self.layer5(x3)
+            return main, self._head(self.layer5, x3)
         return main
+
+    def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A classifier; with `fp32_heads` under autocast it runs in float32 on the (rounded)
+        features, so the logits are not rounded to bf16 (what the SFC soft masks at scale 100
+        need: a rounding of 0.03 is 3 units inside their softmax)."""
+        if self.fp32_heads and torch.is_autocast_enabled(x.device.type):
+            return run_float32(head, x)
+        return head(x)
 
     # ---- parameter groups (SPEC §3.1) -------------------------------------------------------
     def backbone_parameters(self) -> list[nn.Parameter]:
@@ -176,6 +185,12 @@ class DeepLabV2(nn.Module):
                         counts[id(k)] += 1
         names = {id(p): n for n, p in self.named_parameters()}
         return [(names[id(p)], p, counts[id(p)]) for p in order]
+
+
+def run_float32(module: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
+    """`module(*xs)` in float32 with autocast off (inputs promoted to float32)."""
+    with torch.autocast(device_type=xs[0].device.type, enabled=False):
+        return module(*(x.float() for x in xs))
 
 
 def upsample_like(x: torch.Tensor, size) -> torch.Tensor:

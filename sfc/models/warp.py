@@ -14,7 +14,8 @@ import torch.nn.functional as F
 def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """`out(p) = x(p + flow(p))`; x `B×C×H×W`, flow `B×2×H×W` (u = x/column, v = y/row, pixels).
 
-    Differentiable in `x` and `flow`. Result dtype is `x`'s.
+    Differentiable in `x` and `flow`. Computed in float32 (also under autocast); the result
+    has `x`'s dtype.
     """
     if x.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2:
         raise ValueError(f"warp expects x B×C×H×W and flow B×2×H×W, got {tuple(x.shape)} "
@@ -23,10 +24,18 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} must have the "
                          "same batch and spatial size")
     h, w = x.shape[-2:]
-    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
-    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
+    # The grid is built and sampled in at least float32 whatever the flow's dtype: bf16
+    # (autocast) holds integers exactly only up to 256, so pixel positions of a wider map would
+    # be rounded by up to 2 pixels before sampling. The result is cast back to x's dtype.
+    dt = torch.promote_types(torch.promote_types(x.dtype, flow.dtype), torch.float32)
+    f = flow.to(dt)
+    ys = torch.arange(h, device=flow.device, dtype=dt).view(1, h, 1)
+    xs = torch.arange(w, device=flow.device, dtype=dt).view(1, 1, w)
     # Normalise to [-1, 1] for align_corners=True; a size-1 axis maps every coordinate to 0.
-    gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0  # (B, H, W)
-    gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack((gx, gy), dim=3).to(x.dtype)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    gx = (xs + f[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0  # (B, H, W)
+    gy = (ys + f[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    grid = torch.stack((gx, gy), dim=3)  # (B, H, W, 2), float32 (or float64)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = F.grid_sample(x.to(dt), grid, mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return out.to(x.dtype)

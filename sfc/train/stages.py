@@ -123,6 +123,7 @@ class SegNetStage(Stage):
             log(f"segnet <- ImageNet init {init} (sha256 {digest})")
         else:
             log("segnet: random init (--imagenet-init none)")
+        net.fp32_heads = self.sfc  # under bf16 autocast: float32 logits for the soft masks
         self.nets["segnet"] = net
         if self.sfc:
             self._load_frozen_flow_nets()
@@ -200,6 +201,7 @@ class AccelStage(Stage):
         else:
             log("accel.flownet: random init (--chairs-init none)")
         optim.freeze_accel_backbones(accel)
+        accel.fp32_heads = self.sfc  # under bf16 autocast: float32 logits for the soft masks
         self.nets["accel"] = accel
         if self.sfc:
             self._load_frozen_flow_nets()
