@@ -30,6 +30,9 @@ from sfc.data.io import (
 )
 
 _NAME = re.compile(r"(\d+)_(\d+)")
+# The release's VIPER val list (SPEC §2.2): 10 random frames from each of 46 val sequences,
+# 460 entries (one duplicated); the SFM is selected on it. Shipped with the package.
+RELEASE_VAL_LIST = Path(__file__).resolve().parent / "lists" / "viper_val.txt"
 
 
 def parse_viper_entry(line: str) -> tuple[str, int]:
@@ -38,6 +41,20 @@ def parse_viper_entry(line: str) -> tuple[str, int]:
     if not m:
         raise DatasetError(f"VIPER list entry {line!r} is not of the form SSS/SSS_NNNNN.jpg")
     return m.group(1), int(m.group(2))
+
+
+def release_val_list(root) -> Path | None:
+    """`RELEASE_VAL_LIST` if every frame it names (and its predecessor image) is under the
+    VIPER ``root``'s val split, else None (e.g. a synthetic tree)."""
+    val = Path(root) / "val"
+    for line in read_list_file(RELEASE_VAL_LIST):
+        seq, f = parse_viper_entry(line)
+        for k in (0, 1):
+            if not (val / "img" / seq / f"{seq}_{f - k:05d}.jpg").is_file():
+                return None
+        if not (val / "cls" / seq / f"{seq}_{f:05d}.png").is_file():
+            return None
+    return RELEASE_VAL_LIST
 
 
 class ViperSeq(ClipDataset):

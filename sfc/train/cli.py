@@ -10,14 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from sfc.data import get_protocol, make_dataset
+from sfc.data import DATASET_DIRS, get_protocol, make_dataset
+from sfc.data.viper import release_val_list
 
 SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
 SOURCE_SIZES = {"viper": (1280, 720), "synthia_seq": (1280, 640)}
 # stage → (lr, weight decay, eval every) of the release (SPEC §5)
 STAGE_DEFAULTS = {"segnet": (2.5e-4, 5e-4, 2000), "accel": (5e-4, 5e-4, 2000),
                   "sfm": (1e-4, 4e-4, 4000)}
+# stage → (iterations without, with the SFC loss) of the release (SPEC §5)
+ITERS = {"segnet": (80000, 120000), "accel": (80000, 160000), "sfm": (80000, 80000)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default="data", help="data root holding VIPER/, Cityscapes/, SynthiaSeq/")
     a("--out", required=True, help="run directory (resumed if it holds last.pt)")
     a("--iters", type=int, default=None,
-      help="training iterations (default 80000; SFC stage one 120000, stage two 160000 — "
-           "the scripts pass them)")
+      help="training iterations (default: the release's for the stage and SFC weight — "
+           "segnet 80000 / 120000 with SFC, accel 80000 / 160000 with SFC, sfm 80000)")
     a("--eval-every", type=int, default=None,
       help="validate and write last.pt every N iterations (default 2000; SFM 4000)")
     a("--log-every", type=int, default=50, help="log training losses every N iterations")
@@ -79,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sfm-ckpt", default=None, help="SFM run dir/checkpoint (SFC stages)")
     a("--source-list", default=None, help="list file of source training clips")
     a("--val-list", default=None,
-      help="list file of validation clips (e.g. the release's data/viper_list/val.txt for "
-           "the SFM stage)")
+      help="list file of validation clips (default: all annotated val frames; the SFM stage "
+           "on VIPER uses the release's 460-entry list shipped in sfc/data/lists/ when its "
+           "frames are under the data root)")
     a("--synthia-val-frames", type=int, default=50,
       help="SFM on SYNTHIA-Seq: the last N annotated frames are held out as source val")
     a("--val-limit", type=int, default=None, help="evaluate only the first N val clips")
@@ -99,7 +104,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.lr = lr if args.lr is None else args.lr
     args.weight_decay = wd if args.weight_decay is None else args.weight_decay
     args.eval_every = every if args.eval_every is None else args.eval_every
-    args.iters = 80000 if args.iters is None else args.iters
+    if args.iters is None:  # the release's iterations for this stage and SFC weight (SPEC §5)
+        args.iters = ITERS[args.stage][args.sfc_weight > 0 and args.stage != "sfm"]
     args.num_classes = SOURCES[args.source]
     args.eval_ids = [int(i) for i in get_protocol(args.num_classes).eval_ids]
     args.source_size = list(args.source_size or SOURCE_SIZES[args.source])
@@ -130,6 +136,7 @@ class Data:
     target: object | None
     val: object
     protocol: object | None
+    notes: tuple[str, ...] = ()  # lines for the run log (e.g. which val list is used)
 
 
 def build_data(cfg) -> Data:
@@ -148,12 +155,20 @@ def build_data(cfg) -> Data:
                                   val_frames=n, **src_kw)
             val = make_dataset("synthia_seq", cfg.data, split="val", val_frames=n,
                                frames=2, size=tuple(cfg.source_size), prev_label=True)
+            note = f"SFM val: the last {n} annotated SYNTHIA-Seq frames (held out)"
         else:
             source = make_dataset("viper", cfg.data, split="train", **src_kw)
+            val_list, note = cfg.val_list, f"SFM val: --val-list {cfg.val_list}"
+            if val_list is None:  # the release's 460-entry list where its frames exist
+                val_list = release_val_list(Path(cfg.data) / DATASET_DIRS["viper"])
+                note = (f"SFM val: the release's VIPER val list {val_list} (460 entries)"
+                        if val_list else
+                        "SFM val: the frames of the release's VIPER val list are not under "
+                        f"{Path(cfg.data) / DATASET_DIRS['viper']} (a synthetic tree?); "
+                        "using all annotated val frames instead")
             val = make_dataset("viper", cfg.data, split="val", frames=2,
-                               size=tuple(cfg.source_size), prev_label=True,
-                               list_file=cfg.val_list)
-        return Data(source, None, val, None)
+                               size=tuple(cfg.source_size), prev_label=True, list_file=val_list)
+        return Data(source, None, val, None, notes=(note,))
     source = make_dataset(cfg.source, cfg.data, split="train", **src_kw)
     target = None
     if cfg.sfc_weight > 0:

@@ -112,11 +112,11 @@ class Trainer:
         w, r = self.info.world_size, self.info.rank
         pin = self.device.type == "cuda"
         # independent, seeded orders for source and target (same permutation on every rank)
-        self.streams = {"source": TrainStream(data.source, cfg.batch_size, cfg.seed, r, w,
+        self.streams = {"source": TrainStream(data.source, cfg.batch_size, cfg.seed, 0, r, w,
                                               cfg.num_workers, pin)}
         if data.target is not None:
-            self.streams["target"] = TrainStream(data.target, cfg.batch_size, cfg.seed + 1000,
-                                                 r, w, cfg.num_workers, pin)
+            self.streams["target"] = TrainStream(data.target, cfg.batch_size, cfg.seed, 1, r, w,
+                                                 cfg.num_workers, pin)
         val = data.val
         if cfg.val_limit is not None:
             val = Subset(val, range(min(cfg.val_limit, len(val))))
@@ -220,6 +220,8 @@ class Trainer:
                               "world_size": self.info.world_size})
             self.log.info(f"stage {cfg.stage} -> {self.run_dir} ({cfg.iters} iterations, "
                           f"{self.info.world_size} process(es), device {self.device})")
+        for note in getattr(self.data, "notes", ()):
+            self.log.info(note)
         params = stage.trainable_parameters()
         bar = tqdm(total=cfg.iters, initial=self.iter, disable=not self.main,
                    dynamic_ncols=True, desc=cfg.stage)

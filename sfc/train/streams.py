@@ -1,16 +1,21 @@
 """Endless, resumable training streams over a dataset (the release's "restart the loader with a
 new order each epoch").
 
-Each epoch's order is `DistributedSampler(shuffle=True, seed=seed)` with `set_epoch(epoch)` —
-the same permutation on every rank, each rank taking its shard; with one process it is a seeded
-permutation. The state `(epoch, batches consumed)` is saved in `last.pt`, so a resumed run
-continues with exactly the samples an uninterrupted run would have seen.
+Each epoch's order is a permutation drawn from `numpy.random.SeedSequence((seed, stream,
+epoch))` — the same on every rank, each rank taking its shard as `DistributedSampler` does
+(padded by repetition to a multiple of the world size, then every world-size-th index). Seeds,
+streams (source 0, target 1) and epochs enter the generator as separate words, so no two of
+them share an order: with `seed + epoch` (what `DistributedSampler` does) the runs of seed 0
+and seed 1 replayed each other's orders one epoch apart. The state `(epoch, batches consumed)`
+is saved in `last.pt`, so a resumed run continues with exactly the samples an uninterrupted run
+would have seen.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from sfc.data.io import normalise_batch
 
@@ -29,17 +34,20 @@ class _ListSampler(Sampler):
 class TrainStream:
     """`next(stream)` → a batch; loops over epochs forever.
 
-    `seed` fixes the per-epoch permutations (use different seeds for source and target so the
-    two orders are independent).
+    `seed` and `stream` (0 source, 1 target) fix the per-epoch permutations.
+    `worker_init_fn` goes to the DataLoader (the engine's makes workers ignore job signals).
     """
 
-    def __init__(self, dataset, batch_size: int = 1, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+    def __init__(self, dataset, batch_size: int = 1, seed: int = 0, stream: int = 0,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 pin_memory: bool = False, worker_init_fn=None):
         if len(dataset) == 0:
             raise ValueError(f"training dataset {type(dataset).__name__} is empty")
         self.dataset = dataset
         self.batch_size = batch_size
-        self.seed = seed
+        self.seed = int(seed)
+        self.stream = int(stream)
+        self.worker_init_fn = worker_init_fn
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
@@ -48,18 +56,23 @@ class TrainStream:
         self.consumed = 0  # batches of the current epoch already returned
         self._it = None
 
+    def order(self, epoch: int) -> list[int]:
+        """The whole epoch's permutation (before sharding), identical on every rank."""
+        rng = np.random.default_rng(np.random.SeedSequence((self.seed, self.stream, epoch)))
+        return rng.permutation(len(self.dataset)).tolist()
+
     def _indices(self, epoch: int) -> list[int]:
-        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=self.seed, drop_last=False)
-        sampler.set_epoch(epoch)
-        return list(sampler)
+        idx = self.order(epoch)
+        total = -(-len(idx) // self.world_size) * self.world_size
+        idx += (idx * (-(-total // len(idx))))[: total - len(idx)]  # pad as DistributedSampler
+        return idx[self.rank:total:self.world_size]
 
     def _start(self) -> None:
         idx = self._indices(self.epoch)[self.consumed * self.batch_size:]
         loader = DataLoader(self.dataset, batch_size=self.batch_size,
                             sampler=_ListSampler(idx), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, drop_last=False,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=self.worker_init_fn)
         self._it = iter(loader)
 
     def __iter__(self):
@@ -79,12 +92,14 @@ class TrainStream:
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "stream": self.stream, "order": "seedsequence-v1"}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.seed:
-            raise ValueError(f"data-order seed mismatch on resume: checkpoint {state.get('seed')}"
-                             f", run {self.seed}")
+        have = (state.get("seed"), state.get("stream"), state.get("order"))
+        if have != (self.seed, self.stream, "seedsequence-v1"):
+            raise ValueError(f"data-order mismatch on resume: checkpoint (seed, stream, order) "
+                             f"{have}, run {(self.seed, self.stream, 'seedsequence-v1')}")
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self._it = None
