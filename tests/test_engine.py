@@ -82,8 +82,8 @@ def test_unknown_flag_is_an_error(capsys):
     with pytest.raises(SystemExit):
         train.main(["--stage", "segnet", "--out", "x", "--no-such-flag"])
     assert "unrecognized arguments" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--update-ckpt"):
-        train.main(["--stage", "accel", "--out", "x", "--chairs-init", "none"])
+    assert train.main(["--stage", "accel", "--out", "x", "--chairs-init", "none"]) == 2
+    assert "--update-ckpt" in capsys.readouterr().err
 
 
 def test_later_flags_override_earlier():

@@ -30,6 +30,7 @@ RULES = [  # (importing part, parts it must not import)
     ("sfc.checkpoints", UPPER),
     ("sfc.dist", UPPER),
     ("sfc.vis", UPPER),
+    ("sfc.flags", UPPER),
     ("sfc.evaluate", ("sfc.train", "sfc.demo", "sfc.bench")),
     ("sfc.train", ("sfc.demo", "sfc.bench")),
 ]
@@ -106,7 +107,7 @@ def test_top_level_is_parts_and_shared_modules_only():
     top = sorted(p.name for p in (REPO / "sfc").iterdir()
                  if p.name != "__pycache__" and not p.name.endswith(".egg-info"))
     assert top == ["__init__.py", "bench", "checkpoints.py", "data", "demo", "dist.py",
-                   "evaluate", "losses.py", "models", "train", "vis.py"]
+                   "evaluate", "flags.py", "losses.py", "models", "train", "vis.py"]
 
 
 def test_public_names_stay_where_the_readme_says():

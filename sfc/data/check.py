@@ -5,7 +5,8 @@
     python -m sfc.data.check --dataset synthia_seq --root data --prev-label
 
 Prints the number of clips that are OK, have a missing file, or have a broken file (unreadable,
-truncated, wrong format, unknown ids), with the first few examples, and exits 1 if anything is
+truncated, wrong format, unknown ids,
+a label of another size than its frame), with the first few examples, and exits 1 if anything is
 wrong (2 if the tree itself cannot be opened).
 """
 
@@ -42,12 +43,24 @@ def check_dataset(name: str, root, split=None, frames=2, prev_label=False, list_
     report = {"ok": 0, "missing": [], "broken": [], "total": len(ds), "dataset": repr(ds)}
     for i in tqdm(range(len(ds)), desc=f"checking {name}", disable=not progress):
         try:
-            ds[i]
+            _check_sizes(ds[i], ds.items[i])
             report["ok"] += 1
         except DatasetError as e:
             kind = "missing" if str(e).startswith("missing") or ": missing" in str(e) else "broken"
             report[kind].append((str(ds.items[i]), str(e)))
     return report
+
+
+def _check_sizes(item: dict, where) -> None:
+    """At the files' own size, every label must cover its frame pixel for pixel (training
+    resizes both to one size and would hide a mismatch)."""
+    clip = item["seg"]  # (3, T, H, W)
+    frame = tuple(clip.shape[-2:])
+    for key in ("label", "label_prev"):
+        if key in item and tuple(item[key].shape) != frame:
+            h, w = item[key].shape
+            raise DatasetError(f"{key.replace('_', ' ')} of {where} is {w}x{h}, its frame is "
+                               f"{frame[1]}x{frame[0]}")
 
 
 def main(argv=None) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from sfc import dist
+from sfc import dist, flags
 from sfc.checkpoints import CheckpointFormatError
 from sfc.data.io import DatasetError
 from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
@@ -93,16 +94,43 @@ class _PredWriter:
             self.count += 1
 
 
+def validate(args) -> None:
+    """Every numeric and device flag, and the outputs' writability, before any work."""
+    flags.check_number(args, "limit", low=1)
+    flags.check_number(args, "batch_size", low=1)
+    flags.check_number(args, "workers", low=0)
+    flags.check_number(args, "width", low=1)
+    flags.check_ints(args, "layers", 1)
+    flags.check_size(args, "size")
+    flags.check_device(args.device)
+    for name in ("json", "csv"):
+        if getattr(args, name):
+            flags.check_writable_file(getattr(args, name), f"--{name}")
+    if args.save_pred:
+        flags.check_writable_dir(args.save_pred, "--save-pred")
+
+
+def warn_size(info, size, out=None) -> None:
+    """Say so when the input size differs from the one the checkpoint was trained at."""
+    trained = info.config.get("target_size")
+    if trained and list(trained) != list(size):
+        print(f"warning: {info.path} was trained at {trained[0]}x{trained[1]} (target size), "
+              f"evaluating at {size[0]}x{size[1]} (--size)", file=out or sys.stderr)
+
+
 def run(args) -> dict | None:
     """Evaluate; returns the JSON record on rank 0 (None elsewhere)."""
     from sfc.data import DATASET_DIRS, CityscapesSeq
     from sfc.data.classes import get_protocol
 
+    validate(args)
     info_d = dist.init_distributed(args.device)
     device = info_d.device
     info = inspect_checkpoint(args.checkpoint, args.mode)
     source = args.source or info.config.get("source") or "viper"
     check_classes(info, source)
+    if dist.is_main():
+        warn_size(info, args.size)
     protocol = get_protocol(SOURCE_CLASSES[source])
 
     dataset = CityscapesSeq(Path(args.data) / DATASET_DIRS["cityscapes"], split=args.split,
@@ -150,7 +178,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (CheckpointFormatError, DatasetError, FileNotFoundError) as e:
+    except (flags.FlagError, CheckpointFormatError, DatasetError, FileNotFoundError) as e:
         # Bad input: one readable line naming the file and what was expected, no traceback.
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     finally:

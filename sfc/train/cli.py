@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfc import flags
 from sfc.data import DATASET_DIRS, get_protocol, make_dataset
 from sfc.data.viper import release_val_list
 
@@ -98,14 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Every numeric and device flag, before any work (FlagError: one line, exit 2)."""
+    for name in ("iters", "eval_every", "log_every", "batch_size", "width", "val_limit",
+                 "synthia_val_frames"):
+        flags.check_number(args, name, low=1)
+    for name in ("num_workers", "warmup_iters", "weight_decay", "sfc_weight", "warmup_lr"):
+        flags.check_number(args, name, low=0)
+    flags.check_number(args, "lr", low=0, low_open=True)
+    flags.check_number(args, "scale", low=0, low_open=True)
+    flags.check_number(args, "momentum", low=0, high=1, high_open=True)
+    flags.check_number(args, "stop_after", low=-1)
+    flags.check_ints(args, "layers", 1)
+    flags.check_size(args, "source_size")
+    flags.check_size(args, "target_size")
+    flags.check_device(args.device)
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill stage/source-dependent defaults; check the inputs each stage needs."""
+    """Fill stage/source-dependent defaults; check every flag and the inputs each stage needs
+    (`sfc.flags.FlagError` names the flag)."""
     lr, wd, every = STAGE_DEFAULTS[args.stage]
     args.lr = lr if args.lr is None else args.lr
     args.weight_decay = wd if args.weight_decay is None else args.weight_decay
     args.eval_every = every if args.eval_every is None else args.eval_every
     if args.iters is None:  # the release's iterations for this stage and SFC weight (SPEC §5)
         args.iters = ITERS[args.stage][args.sfc_weight > 0 and args.stage != "sfm"]
+    validate(args)
     args.num_classes = SOURCES[args.source]
     args.eval_ids = [int(i) for i in get_protocol(args.num_classes).eval_ids]
     args.source_size = list(args.source_size or SOURCE_SIZES[args.source])
@@ -113,20 +133,20 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.layers = list(args.layers)
     if args.warmup_order is None:
         args.warmup_order = "before" if args.sfc_weight > 0 else "after"
-    if args.iters < 1 or args.eval_every < 1:
-        raise SystemExit("--iters and --eval-every must be >= 1")
     need = {"accel": ["update_ckpt", "reference_ckpt"], "sfm": ["flownet_ckpt"]}.get(
         args.stage, [])
     if args.sfc_weight > 0 and args.stage != "sfm":
         need += ["flownet_ckpt", "sfm_ckpt"]
     missing = [n for n in need if getattr(args, n) is None]
     if missing:
-        raise SystemExit(f"stage {args.stage} (sfc weight {args.sfc_weight}) needs "
-                         + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise flags.FlagError(f"stage {args.stage} (sfc weight {args.sfc_weight}) needs "
+                              + ", ".join("--" + m.replace("_", "-") for m in missing))
     if args.stage == "segnet" and args.imagenet_init is None:
-        raise SystemExit("stage segnet needs --imagenet-init PATH (or 'none' for random init)")
+        raise flags.FlagError("stage segnet needs --imagenet-init PATH (or 'none' for random "
+                              "init)")
     if args.stage == "accel" and args.chairs_init is None:
-        raise SystemExit("stage accel needs --chairs-init PATH (or 'none' for random init)")
+        raise flags.FlagError("stage accel needs --chairs-init PATH (or 'none' for random "
+                              "init)")
     return args
 
 
@@ -184,13 +204,15 @@ def main(argv=None) -> int:
     from sfc.checkpoints import CheckpointFormatError
     from sfc.data import DatasetError
 
-    args = resolve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     try:
+        resolve(args)
+        flags.check_writable_dir(args.out, "--out")
         from sfc.train.engine import train
 
         return train(args, build_data(args))
-    except (DatasetError, CheckpointFormatError, FileNotFoundError) as e:
-        # Bad input (a missing dataset, earlier run or weight file; a wrong checkpoint):
-        # one clear line, not a traceback from deep inside.
+    except (flags.FlagError, DatasetError, CheckpointFormatError, FileNotFoundError) as e:
+        # Bad input (a flag out of range; a missing dataset, earlier run or weight file; a
+        # wrong checkpoint): one clear line, not a traceback from deep inside.
         print(f"sfc.train: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,107 @@
+"""Up-front checks of command-line flags, shared by ``sfc.train``, ``sfc.evaluate`` and
+``sfc.predict``: numbers in range, a device that exists, outputs that can be written. Each
+failure is a :class:`FlagError` whose message names the flag, what was given and what is
+expected; the commands print it as one line and exit 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+MIN_SIZE = 8  # pixels: a smaller side leaves the 1/8 feature maps below one pixel
+
+
+class FlagError(ValueError):
+    """A flag value that cannot work."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_number(args, name: str, low=None, high=None, low_open=False, high_open=False,
+                 allow_none=True) -> None:
+    """``args.<name>`` is a finite number in [low, high] (``*_open``: the bound excluded)."""
+    v = getattr(args, name)
+    if v is None and allow_none:
+        return
+    want = []
+    if low is not None:
+        want.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        want.append(f"{'<' if high_open else '<='} {high}")
+    ok = v is not None and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        raise FlagError(f"{_flag(name)} {v}: expected a number {' and '.join(want)}")
+
+
+def check_ints(args, name: str, low: int) -> None:
+    """Every entry of the list flag ``args.<name>`` (e.g. ``--layers``) is an int >= low."""
+    v = getattr(args, name)
+    if v is not None and any(int(x) < low for x in v):
+        raise FlagError(f"{_flag(name)} {' '.join(map(str, v))}: every value must be >= {low}")
+
+
+def check_size(args, name: str) -> None:
+    """``args.<name>`` is (W, H) with both sides >= MIN_SIZE."""
+    v = getattr(args, name)
+    if v is not None and min(int(x) for x in v) < MIN_SIZE:
+        raise FlagError(f"{_flag(name)} {' '.join(map(str, v))}: width and height must be "
+                        f">= {MIN_SIZE} pixels")
+
+
+def check_device(device: str | None) -> None:
+    """``None`` (auto), ``cpu``, ``cuda`` or ``cuda:N`` of a device that exists here."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise FlagError(f"--device {device!r}: not a device ({e}); expected cpu, cuda or "
+                        "cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise FlagError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FlagError(f"--device {device}: no CUDA device is available here "
+                        "(torch.cuda.is_available() is False); use --device cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise FlagError(f"--device {device}: this machine has {n} CUDA device(s), "
+                        f"cuda:0 .. cuda:{n - 1}")
+
+
+def check_writable_dir(path, flag: str) -> Path:
+    """Create the folder ``path`` if needed and prove it writable with a probe file."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".sfc-write-probe-"):
+            pass
+    except OSError as e:
+        raise FlagError(f"{flag} {p}: cannot write there ({e.strerror or e})") from None
+    return p
+
+
+def check_writable_file(path, flag: str) -> Path:
+    """The file ``path`` can be written: its folder exists or can be made, and takes a file;
+    an existing ``path`` must be a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise FlagError(f"{flag} {p}: is a folder; expected a file name")
+    try:
+        check_writable_dir(p.parent if str(p.parent) else Path(os.curdir), flag)
+    except FlagError as e:
+        raise FlagError(f"{flag} {p}: cannot write its folder {p.parent} "
+                        f"({str(e).rsplit('(', 1)[-1]}") from None
+    return p
