@@ -5,9 +5,8 @@
     python -m sfc.data.check --dataset synthia_seq --root data --prev-label
 
 Prints the number of clips that are OK, have a missing file, or have a broken file (unreadable,
-truncated, wrong format, unknown ids,
-a label of another size than its frame), with the first few examples, and exits 1 if anything is
-wrong (2 if the tree itself cannot be opened).
+truncated, wrong format, unknown ids, a label of another size than its frame), with the first
+few examples, and exits 1 if anything is wrong (2 if the tree itself cannot be opened).
 """
 
 from __future__ import annotations
