@@ -80,7 +80,7 @@ def _strip(sd: dict, prefix: str) -> dict:
     return sd
 
 
-def _load_exact(model: nn.Module, sd: dict, path, fmt: str, keep=()) -> None:
+def load_exact(model: nn.Module, sd: dict, path, fmt: str, keep=()) -> None:
     """Load `sd` into `model` with strict semantics; `keep`: key prefixes the file must not hold
     and the model keeps from its init. Raises CheckpointFormatError on any mismatch."""
     target = model.state_dict()
@@ -129,14 +129,14 @@ def load_deeplab_init(model: nn.Module, path) -> str:
         raise CheckpointFormatError(f"{path}: expected one common leading key component "
                                     f"({fmt}); found {_first(heads)}")
     sd = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[1] != "layer5"}
-    _load_exact(model, sd, path, fmt, keep=("layer5.", "layer6."))
+    load_exact(model, sd, path, fmt, keep=("layer5.", "layer6."))
     return _finish(path, "DeepLab-v2 init")
 
 
 def load_flownet_chairs(model: nn.Module, path) -> str:
     """Flying Chairs FlowNetS (`flownet_flyingchairs_pretrained.pth`), strict. SPEC §3.2."""
     sd = read_state_dict(path)
-    _load_exact(model, sd, path, "FlowNetS state dict: 'conv1.0.weight', 'predict_flow2.weight', …")
+    load_exact(model, sd, path, "FlowNetS state dict: 'conv1.0.weight', 'predict_flow2.weight', …")
     return _finish(path, "Flying Chairs FlowNetS")
 
 
@@ -150,7 +150,7 @@ def load_release_segnet(model: nn.Module, path) -> str:
     fmt = "DeepLab-v2 SegNet: 'segnet.conv1.weight', … or bare 'conv1.weight', …"
     if not getattr(model, "multi_level", True):
         sd = {k: v for k, v in sd.items() if not k.startswith("layer5.")}
-    _load_exact(model, sd, path, fmt)
+    load_exact(model, sd, path, fmt)
     return _finish(path, "release SegNet")
 
 
@@ -158,7 +158,7 @@ def load_release_flownet(model: nn.Module, path) -> str:
     """A bare FlowNetS state dict written by the release (e.g. the stage-two FlowNet or the
     SFM: `flownet_source_well_trained.pth`, `SFM_source_well_trained.pth`), strict."""
     sd = _strip(read_state_dict(path), "module.")
-    _load_exact(model, sd, path, "FlowNetS state dict: 'conv1.0.weight', 'predict_flow2.weight', …")
+    load_exact(model, sd, path, "FlowNetS state dict: 'conv1.0.weight', 'predict_flow2.weight', …")
     return _finish(path, "release FlowNetS")
 
 
@@ -171,6 +171,6 @@ def load_release_accel(model: nn.Module, path) -> str:
     sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] in _ACCEL_SUBMODULES}
     if ignored:
         log.info("%s: ignoring non-Accel prefixes %s", path, ", ".join(ignored))
-    _load_exact(model, sd, path, "Accel state dict: 'net_ref.conv1.weight', 'merge.weight', "
+    load_exact(model, sd, path, "Accel state dict: 'net_ref.conv1.weight', 'merge.weight', "
                                  "'flownet.conv1.0.weight', …")
     return _finish(path, "release Accel")

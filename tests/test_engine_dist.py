@@ -32,7 +32,7 @@ def _worker(rank, world, port, data_root, out, dump):
     sd = trainer.stage.nets["segnet"].state_dict()
     torch.save({"rc": rc, "sd": sd, "consumed": trainer.streams["source"].state_dict()},
                f"{dump}/rank{rank}.pt")
-    trainer.log.close()
+    trainer.close()
     dist.cleanup()
 
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed of Python/NumPy/torch and of the data orders")
     a("--select", choices=["best", "last"], default="best",
       help="which checkpoint of an earlier run directory to consume (quirk 1: best)")
+    a("--allow-unfinished", action="store_true",
+      help="consume an earlier run that has not finished (no result.json); refused otherwise")
     a("--batch-size", type=int, default=1, help="clips per domain per process (paper 1)")
     a("--source-size", type=int, nargs=2, metavar=("W", "H"), default=None,
       help="source resize (VIPER 1280 720; SYNTHIA-Seq 1280 640 after the crop)")
@@ -203,6 +205,7 @@ def build_data(cfg) -> Data:
 def main(argv=None) -> int:
     from sfc.checkpoints import CheckpointFormatError
     from sfc.data import DatasetError
+    from sfc.train.runio import RunDirError
 
     args = build_parser().parse_args(argv)
     try:
@@ -211,7 +214,8 @@ def main(argv=None) -> int:
         from sfc.train.engine import train
 
         return train(args, build_data(args))
-    except (flags.FlagError, DatasetError, CheckpointFormatError, FileNotFoundError) as e:
+    except (flags.FlagError, DatasetError, CheckpointFormatError, FileNotFoundError,
+            RunDirError) as e:
         # Bad input (a flag out of range; a missing dataset, earlier run or weight file; a
         # wrong checkpoint): one clear line, not a traceback from deep inside.
         print(f"sfc.train: error: {e}", file=sys.stderr)

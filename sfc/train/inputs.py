@@ -25,9 +25,10 @@ PRODUCERS = {
 }
 
 
-def resolve(path: str | Path, select: str, what: str) -> Path:
+def resolve(path: str | Path, select: str, what: str, allow_unfinished: bool = False) -> Path:
     """Run directory → its `best.pt`/`last.pt`; a file is returned as is. Errors name the
-    script that produces the input."""
+    script that produces the input. A run directory (or a checkpoint inside one) without
+    `result.json` has not finished and is refused unless `allow_unfinished`."""
     p = Path(path)
     producer = PRODUCERS.get(what, "an earlier stage")
     if p.is_dir():
@@ -35,25 +36,73 @@ def resolve(path: str | Path, select: str, what: str) -> Path:
         if not f.is_file():
             raise FileNotFoundError(f"{what} input {p} has no {select}.pt (is the run finished? "
                                     f"it is produced by {producer})")
-        return f
-    if not p.is_file():
+    elif p.is_file():
+        f = p
+    else:
         raise FileNotFoundError(f"{what} input {p} does not exist; it is produced by {producer}")
-    return p
+    run = f.parent
+    if (not allow_unfinished and (run / "config.json").is_file()
+            and not (run / "result.json").is_file()):
+        at = _iteration_of(run / "last.pt")
+        raise checkpoints.CheckpointFormatError(
+            f"{what} input {run} has not finished (no result.json; last.pt at iteration {at}"
+            f" of {_planned_iters(run)}): finish it (run {producer} again, it resumes) or pass "
+            "--allow-unfinished to consume it as it is")
+    return f
+
+
+def _iteration_of(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter"]
+    except Exception:
+        return "unknown"
+
+
+def _planned_iters(run: Path):
+    import json
+
+    try:
+        return json.loads((run / "config.json").read_text())["config"]["iters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 def _sfc_checkpoint(path: Path) -> dict | None:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """This project's run checkpoint, or None for anything else `torch.load` reads (the
+    release's files); an unreadable file is a CheckpointFormatError naming it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, a JPEG, an arbitrary pickle: name the file
+        raise checkpoints.CheckpointFormatError(
+            f"{path}: cannot be read as a checkpoint with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+            "expected a best.pt/last.pt of `sfc.train` or a release .pth") from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj
     return None
+
+
+def _describe(ckpt: dict) -> str:
+    """What a run checkpoint holds, for error messages."""
+    c = ckpt.get("config") or {}
+    return (f"a {ckpt.get('stage')!r} run of source {c.get('source')!r} ({c.get('num_classes')} "
+            f"classes, layers {c.get('layers')}, width {c.get('width')})")
+
+
+def _load(model: nn.Module, sd: dict, path: Path, ckpt: dict, what: str) -> None:
+    """Strict load with the reason in one line (classes, width, layers) on a mismatch."""
+    try:
+        checkpoints.load_exact(model, sd, path, what)
+    except checkpoints.CheckpointFormatError as e:
+        raise checkpoints.CheckpointFormatError(f"{e}; the file holds {_describe(ckpt)}") from None
 
 
 def _network(ckpt: dict, name: str, path: Path) -> dict:
     models = ckpt["models"]
     if name not in models:
         raise checkpoints.CheckpointFormatError(
-            f"{path} (stage {ckpt.get('stage')!r}) holds networks {sorted(models)}, "
-            f"expected {name!r}")
+            f"{path}: expected a run holding the network {name!r}, found {_describe(ckpt)} "
+            f"with networks {sorted(models)}")
     return models[name]
 
 
@@ -71,7 +120,8 @@ def load_segnet_into(model: nn.Module, path: Path) -> str:
     sd = _network(ckpt, "segnet", path)
     if not getattr(model, "multi_level", True):
         sd = {k: v for k, v in sd.items() if not k.startswith("layer5.")}
-    model.load_state_dict(sd, strict=True)
+    _load(model, sd, path, ckpt, f"the stage-one SegNet of a {model.num_classes}-class run "
+                                 "with this run's --layers/--width")
     return f"{path} (iter {ckpt.get('iter')})"
 
 
@@ -82,7 +132,8 @@ def load_flownet_into(model: nn.Module, path: Path) -> str:
     if ckpt is None:
         checkpoints.load_release_flownet(model, path)
         return f"{path} (release format)"
-    model.load_state_dict(_sub(_network(ckpt, "accel", path), "flownet."), strict=True)
+    _load(model, _sub(_network(ckpt, "accel", path), "flownet."), path, ckpt,
+          "the FlowNet of a FlowNet_pretrain stage-two (accel) run")
     return f"{path} (iter {ckpt.get('iter')})"
 
 
@@ -92,7 +143,7 @@ def load_sfm_into(model: nn.Module, path: Path) -> str:
     if ckpt is None:
         checkpoints.load_release_flownet(model, path)
         return f"{path} (release format)"
-    model.load_state_dict(_network(ckpt, "sfm", path), strict=True)
+    _load(model, _network(ckpt, "sfm", path), path, ckpt, "the SFM of an SFM run")
     return f"{path} (iter {ckpt.get('iter')})"
 
 

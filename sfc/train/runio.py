@@ -1,6 +1,7 @@
 """Run-directory I/O: atomic checkpoints, config with code version, logs, RNG state.
 
 Layout of a run directory (rank 0 writes everything):
+  .lock          pid and host of the process running it (one run directory, one process)
   config.json    resolved configuration + code version
   log.txt        human-readable log (also printed)
   metrics.jsonl  one JSON object per logged event (train losses, evaluations)
@@ -16,6 +17,7 @@ import functools
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +26,18 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "sfc-run-v1"
+# Config keys that change a run's trajectory: a resume must not change them (world_size is
+# recorded beside the config). `iters` sets the poly LR of the segnet stage only.
+TRAJECTORY_KEYS = ("stage", "source", "num_classes", "source_size", "target_size", "layers",
+                   "width", "seed", "batch_size", "world_size", "optimizer", "lr",
+                   "weight_decay", "momentum", "warmup_lr", "warmup_iters", "warmup_order",
+                   "sfc_weight", "scale", "source_prev_forward", "amp", "source_list",
+                   "synthia_val_frames", "bn_control")
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (in use, another configuration, an
+    unreadable last.pt); the message names the directory or file."""
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -43,16 +57,189 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by `sfc` (a dict with `format == CHECKPOINT_FORMAT`)."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint written by `sfc` (a dict with `format == CHECKPOINT_FORMAT`); an
+    unreadable or truncated file is a RunDirError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, not a pickle, ...: name the file
+        raise RunDirError(f"{path}: cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no detail'}) — truncated or "
+                          "not a checkpoint; move it away to start this run afresh") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an sfc run checkpoint (expected a dict with "
-                         f"format={CHECKPOINT_FORMAT!r}, as written by `python -m sfc.train`)")
+        raise RunDirError(f"{path} is not an sfc run checkpoint (expected a dict with "
+                          f"format={CHECKPOINT_FORMAT!r}, as written by `python -m sfc.train`)")
     return ckpt
+
+
+# ---- one run directory, one process ----------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """`.lock` in the run directory, created exclusively (O_EXCL) with the holder's pid and
+    host. A second process on the same directory gets a RunDirError naming the holder; a lock
+    whose process is gone (same host, pid not running) is taken over (`taken_over` says
+    whose). A lock from another host cannot be checked and is respected."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / self.NAME
+        self.taken_over: dict | None = None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and (holder.get("host") != me["host"]
+                                           or _pid_alive(int(holder.get("pid", -1)))):
+                    raise RunDirError(
+                        f"{self.path.parent} is in use by pid {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('since')}; lock "
+                        f"{self.path}); wait for it to finish or use another --out (if that "
+                        "process is gone on another machine, delete the lock file)") from None
+                self.taken_over = holder or {"pid": None, "host": None}
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.mine = me
+            return
+        raise RunDirError(f"{self.path}: could not take the lock (another process keeps "
+                          "creating it)")
+
+    def _holder(self) -> dict | None:
+        """The lock's content; None when unreadable (a writer killed mid-write) even after a
+        short wait for a writer that has just created it."""
+        for wait in (0.0, 0.2):
+            time.sleep(wait)
+            try:
+                return json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def release(self) -> None:
+        try:
+            if json.loads(self.path.read_text()) == self.mine:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[tuple[str, int]]:
+    """Delete the temporary files of atomic writes (`.<name>.tmp.<pid>`) that killed writers
+    left behind; call with the run's lock held. Returns (name, bytes) of each."""
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp.*"):
+        if p.is_file():
+            removed.append((p.name, p.stat().st_size))
+            p.unlink(missing_ok=True)
+    return removed
+
+
+# ---- resuming -------------------------------------------------------------------------------
+def trajectory_config(config: dict, world_size) -> dict:
+    """The trajectory-defining part of a config (see TRAJECTORY_KEYS)."""
+    out = {k: config.get(k) for k in TRAJECTORY_KEYS if k in config or k == "world_size"}
+    out["world_size"] = world_size
+    if config.get("stage") == "segnet":
+        out["iters"] = config.get("iters")
+    return out
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for each trajectory key recorded in both that differs (JSON
+    normalises tuples to lists)."""
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731
+    return [f"{k} {norm(saved[k])!r} -> {norm(now[k])!r}" for k in now
+            if k in saved and saved[k] is not None and norm(saved[k]) != norm(now[k])]
+
+
+def check_resume(run_dir: str | os.PathLike, config: dict, world_size: int) -> dict | None:
+    """Before training starts: the run directory's `last.pt` (returned, or None when there is
+    none) must be readable and of the same stage, and the recorded configuration (`last.pt`'s,
+    else `config.json`'s) must agree with `config` in every trajectory key. RunDirError
+    otherwise, naming the differing keys."""
+    run_dir = Path(run_dir)
+    last, cfg_file = run_dir / "last.pt", run_dir / "config.json"
+    ckpt = None
+    if last.is_file():
+        ckpt = load_checkpoint(last)
+        if ckpt.get("stage") != config["stage"]:
+            raise RunDirError(f"{last} belongs to a {ckpt.get('stage')!r} run, not "
+                              f"{config['stage']!r}; use another --out")
+        saved = trajectory_config(ckpt.get("config") or {}, ckpt.get("world_size"))
+    elif cfg_file.is_file():
+        try:
+            rec = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise RunDirError(f"{cfg_file}: not JSON ({e})") from None
+        saved = trajectory_config(rec.get("config") or {}, rec.get("world_size"))
+    else:
+        return None
+    diff = config_differences(saved, trajectory_config(config, world_size))
+    if diff:
+        raise RunDirError(f"{run_dir} holds a run with another configuration ("
+                          + "; ".join(diff) + "): resuming would change its trajectory; use "
+                          "another --out, or the run's own flags")
+    return ckpt
+
+
+def set_aside_orphaned_best(run_dir: str | os.PathLike, best: dict) -> str | None:
+    """`best.pt` must be the best recorded in `last.pt` (`best = {"iter", "value"}`); one from
+    an abandoned trajectory (written after the last `last.pt`, before a crash) is renamed
+    `best.pt.orphaned`. Returns a warning, or None."""
+    path = Path(run_dir) / "best.pt"
+    if not path.is_file():
+        return None
+    try:
+        it = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iter")
+    except Exception:  # unreadable: certainly not the recorded best
+        it = "unreadable"
+    if it == best.get("iter"):
+        return None
+    dest = path.with_name("best.pt.orphaned")
+    os.replace(path, dest)
+    return (f"warning: {path} (iteration {it}) is not the best recorded in last.pt "
+            f"(iteration {best.get('iter')}): set aside as {dest.name}")
+
+
+def truncate_metrics(path: str | os.PathLike, last_iter: int) -> int:
+    """Keep the records of `metrics.jsonl` up to iteration `last_iter` (a resumed run logs the
+    replayed iterations again); drops unparsable (half-written) lines. Returns lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and rec.get("iter", 0) > last_iter:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+    return dropped
 
 
 # ---- RNG state -----------------------------------------------------------------------------
@@ -119,9 +306,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 class RunLogger:
     """log.txt + metrics.jsonl + TensorBoard; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, enabled: bool = True):
+    def __init__(self, run_dir: str | os.PathLike | None, enabled: bool = True,
+                 purge_step: int | None = None):
+        """`purge_step`: on resume, TensorBoard drops the events at this step and later (the
+        replayed iterations) from what it shows."""
         self.enabled = enabled and run_dir is not None
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.purge_step = purge_step
         self._tb = None
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +324,7 @@ class RunLogger:
         if self.enabled and self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.purge_step)
         return self._tb
 
     def info(self, msg: str) -> None:

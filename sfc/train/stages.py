@@ -20,22 +20,54 @@ import contextlib
 import torch
 from torch import nn
 
-from sfc import checkpoints, losses
+from sfc import checkpoints, dist, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
 from sfc.train import inputs, optim
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, term: str, value: float):
-        super().__init__(f"non-finite loss term {term!r} = {value}")
-        self.term, self.value = term, value
+    """A NaN/Inf found before a backward pass: `what` is "loss" or "flow", `term` its name."""
+
+    def __init__(self, term: str, value: float, what: str = "loss"):
+        super().__init__(f"non-finite {what} term {term!r} = {value}")
+        self.term, self.value, self.what = term, value, what
+
+
+def _any_rank_bad(bad: torch.Tensor) -> bool:
+    """`bad` (a bool tensor) on any process: all ranks stop together (none is left waiting in
+    a collective of the backward pass)."""
+    if dist.get_world_size() > 1:
+        flag = bad.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = flag[0] > 0
+    return bool(bad)
 
 
 def _checked(term: str, loss: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(loss.detach()).all():
+    if _any_rank_bad(~torch.isfinite(loss.detach()).all()):
         raise NonFiniteLoss(term, float(loss.detach().float().item()))
     return loss
+
+
+class _FlowWatch:
+    """Records whether a FlowNet's outputs were finite (forward hook, no sync); `check`
+    raises before the backward pass. Needed because `grid_sample` with border padding returns
+    finite values for NaN coordinates on the CPU (a PyTorch bug), so a diverged flow passes
+    the loss check and crashes the backward (segmentation fault)."""
+
+    def __init__(self, module: nn.Module, term: str):
+        self.term, self.flags = term, []
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out) -> None:
+        if torch.is_grad_enabled():
+            self.flags.append(~torch.isfinite(out.detach()).all())
+
+    def check(self) -> None:
+        flags, self.flags = self.flags, []
+        if flags and _any_rank_bad(torch.stack(flags).any()):
+            raise NonFiniteLoss(self.term, float("nan"), what="flow")
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -66,9 +98,10 @@ class Stage:
     def _load_frozen_flow_nets(self) -> None:
         """flownet_global (FlowNet_pretrain stage-two FlowNet) and SFM, frozen, eval mode."""
         fg, sfm = FlowNetS(), FlowNetS()
-        p = inputs.resolve(self.cfg.flownet_ckpt, self.cfg.select, "flownet")
+        p = inputs.resolve(self.cfg.flownet_ckpt, self.cfg.select, "flownet",
+                           self.cfg.allow_unfinished)
         self.log(f"flownet_global <- {inputs.load_flownet_into(fg, p)}")
-        p = inputs.resolve(self.cfg.sfm_ckpt, self.cfg.select, "sfm")
+        p = inputs.resolve(self.cfg.sfm_ckpt, self.cfg.select, "sfm", self.cfg.allow_unfinished)
         self.log(f"SFM <- {inputs.load_sfm_into(sfm, p)}")
         self.nets["flownet_global"] = _frozen(fg)
         self.nets["sfm"] = _frozen(sfm)
@@ -192,7 +225,7 @@ class AccelStage(Stage):
                                ("net_ref", cfg.reference_ckpt, "reference")):
             if arg is None:
                 raise ValueError(f"the accel stage needs --{what}-ckpt (a stage-one run)")
-            p = inputs.resolve(arg, cfg.select, what)
+            p = inputs.resolve(arg, cfg.select, what, cfg.allow_unfinished)
             log(f"accel.{sub} <- {inputs.load_segnet_into(getattr(accel, sub), p)}")
         init = inputs.maybe_init(cfg.chairs_init, "chairs")
         if init is not None:
@@ -202,6 +235,7 @@ class AccelStage(Stage):
             log("accel.flownet: random init (--chairs-init none)")
         optim.freeze_accel_backbones(accel)
         accel.fp32_heads = self.sfc  # under bf16 autocast: float32 logits for the soft masks
+        self.flow_watch = _FlowWatch(accel.flownet, "accel.flownet")
         self.nets["accel"] = accel
         if self.sfc:
             self._load_frozen_flow_nets()
@@ -218,6 +252,7 @@ class AccelStage(Stage):
         with self.autocast():
             logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
             l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
+        self.flow_watch.check()
         l_seg.backward()
         out = {"seg": float(l_seg.detach())}
         if self.sfc:
@@ -228,6 +263,7 @@ class AccelStage(Stage):
                 l_sfc = _checked("sfc", losses.accel_sfc_loss(
                     s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,
                     self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale))
+            self.flow_watch.check()
             (self.cfg.sfc_weight * l_sfc).backward()
             out["sfc"] = float(l_sfc.detach())
         return out
@@ -254,7 +290,7 @@ class SFMStage(Stage):
     def __init__(self, cfg, device, log=print):
         super().__init__(cfg, device, log)
         sfm, fg = FlowNetS(), FlowNetS()
-        p = inputs.resolve(cfg.flownet_ckpt, cfg.select, "flownet")
+        p = inputs.resolve(cfg.flownet_ckpt, cfg.select, "flownet", cfg.allow_unfinished)
         log(f"SFM <- {inputs.load_flownet_into(sfm, p)}")
         log(f"flownet_global <- {inputs.load_flownet_into(fg, p)}")
         self.nets["sfm"] = sfm

@@ -13,11 +13,68 @@ would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sfc.data.io import normalise_batch
+from sfc.data.io import DatasetError, normalise_batch
+
+# What a cluster sends to every process of a job (scancel, requeue, time limit with --signal):
+# the main process saves last.pt and stops; loader workers must not die of them first.
+JOB_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_job_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores the job signals (the main process handles
+    them and then shuts its workers down), then takes the signals that were blocked while it
+    was started (`job_signals_blocked`)."""
+    for s in JOB_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
+@contextlib.contextmanager
+def job_signals_blocked():
+    """Block the job signals while loader workers are started: a forked worker inherits the
+    blocked mask, so a signal arriving before its `worker_init_fn` has run cannot kill it; the
+    main process receives it when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class SignalSafeLoader:
+    """A DataLoader whose workers are started with the job signals blocked (see above); its
+    workers must use `ignore_job_signals`. Iterates and has the length of the loader."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.dataset = loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        with job_signals_blocked():
+            it = iter(self.loader)
+        return it
+
+
+def plain_dataset_error(e: DatasetError) -> DatasetError:
+    """The one-line DatasetError of a worker's failure. PyTorch re-raises a worker's exception
+    with the worker's traceback in the message ("Caught DatasetError in DataLoader worker
+    process 0. Original Traceback ..."); keep only the original message, as with 0 workers."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.strip().splitlines() if "DatasetError: " in ln]
+        if last:
+            msg = last[-1].split("DatasetError: ", 1)[1]
+    return DatasetError(msg)
 
 
 class _ListSampler(Sampler):
@@ -40,7 +97,7 @@ class TrainStream:
 
     def __init__(self, dataset, batch_size: int = 1, seed: int = 0, stream: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, worker_init_fn=None):
+                 pin_memory: bool = False, worker_init_fn=ignore_job_signals):
         if len(dataset) == 0:
             raise ValueError(f"training dataset {type(dataset).__name__} is empty")
         self.dataset = dataset
@@ -73,7 +130,8 @@ class TrainStream:
                             sampler=_ListSampler(idx), num_workers=self.num_workers,
                             pin_memory=self.pin_memory, drop_last=False,
                             persistent_workers=False, worker_init_fn=self.worker_init_fn)
-        self._it = iter(loader)
+        with job_signals_blocked():
+            self._it = iter(loader)
 
     def __iter__(self):
         return self
