@@ -7,8 +7,10 @@
 #   SFC_WEIGHTS  pretrained weights                                (default <repo>/model_weights)
 #   SFC_OUT      run directories, mirroring exp/                   (default <repo>/save_results)
 #   SOURCE       viper (default) or synthia_seq
-#   PYTHON       interpreter (default <repo>/.venv/bin/python if present, else python3)
-#   LAUNCH       launcher, e.g. "torchrun --nproc_per_node=4" (default: $PYTHON)
+#   PYTHON       interpreter (default <repo>/.venv/bin/python if present, else python3); one
+#                path, spaces allowed
+#   LAUNCH       launcher prefix, split into words, e.g. "torchrun --nproc_per_node=4"
+#                (default: "$PYTHON")
 #   DRY_RUN=1    print the command instead of running it
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +26,7 @@ esac
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
-LAUNCH="${LAUNCH:-$PYTHON}"
+LAUNCH="${LAUNCH:-}"
 
 # run_dir RELPATH -> $SFC_OUT/$SOURCE/RELPATH (RELPATH mirrors exp/ without script/)
 run_dir() { echo "$SFC_OUT/$SOURCE/$1"; }
@@ -80,9 +82,13 @@ authors' GitHub repository (EdenHazardan/SFC, model_weights/; see README), or pa
 run_train() {
   local out="$1"; shift
   local -a cmd
-  read -r -a cmd <<< "$LAUNCH"
+  if [[ -n "$LAUNCH" ]]; then
+    read -r -a cmd <<< "$LAUNCH"  # a launcher prefix: words
+  else
+    cmd=("$PYTHON")  # one path, which may hold spaces
+  fi
   cmd+=(-m sfc.train "${ARGS[@]}" --source "$SOURCE" --data "$SFC_DATA" --out "$out" "$@")
-  echo "+ ${cmd[*]}"
+  echo "+ $(printf '%q ' "${cmd[@]}")"
   [[ "$DRY_RUN" == 1 ]] && return 0
   mkdir -p "$out"
   PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}"

@@ -36,3 +36,39 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# ---- shared synthetic data and tiny earlier runs (one per pytest worker) -------------------
+TINY_TRAIN = ["--layers", "1", "1", "1", "1", "--width", "8", "--source-size", "64", "32",
+              "--target-size", "64", "32", "--num-workers", "0", "--val-limit", "2",
+              "--log-every", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny VIPER + Cityscapes-Seq tree in the real layouts (read-only for tests)."""
+    from sfc.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    generate(root, seed=0, tiny=True, datasets=("viper", "cityscapes"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_data, tmp_path_factory):
+    """Finished 2-iteration runs of the stages that later ones consume: a stage-one SegNet
+    (`segnet`, used as update and reference), FlowNet_pretrain stage two (`accel`) and the SFM
+    (`sfm`), at the TINY_TRAIN size. Returns {name: run directory}."""
+    from sfc import train
+
+    d = tmp_path_factory.mktemp("tiny_runs")
+    common = ["--data", str(tiny_data), *TINY_TRAIN, "--iters", "2", "--eval-every", "2"]
+    runs = {"segnet": d / "segnet", "accel": d / "accel", "sfm": d / "sfm"}
+    assert train.main(["--stage", "segnet", "--out", str(runs["segnet"]), *common,
+                       "--imagenet-init", "none"]) == 0
+    assert train.main(["--stage", "accel", "--out", str(runs["accel"]), *common,
+                       "--chairs-init", "none", "--update-ckpt", str(runs["segnet"]),
+                       "--reference-ckpt", str(runs["segnet"])]) == 0
+    assert train.main(["--stage", "sfm", "--out", str(runs["sfm"]), *common,
+                       "--flownet-ckpt", str(runs["accel"])]) == 0
+    return runs

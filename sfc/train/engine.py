@@ -173,10 +173,7 @@ class Trainer:
         start = self._resume_ckpt["iter"] if self._resume_ckpt else 0
         self._purge_step = start + 1 if (self.run_dir / "tb").is_dir() else None
         if self.main:
-            best = self._resume_ckpt["best"] if self._resume_ckpt else {"iter": None}
-            warning = runio.set_aside_orphaned_best(self.run_dir, best)
-            if warning:
-                notes.append(warning)
+            notes += runio.set_aside_orphaned_best(self.run_dir, self._resume_ckpt)
             dropped = runio.truncate_metrics(self.run_dir / "metrics.jsonl", start)
             if dropped:
                 notes.append(f"metrics.jsonl cut back to iteration {start} ({dropped} records "
@@ -293,9 +290,11 @@ class Trainer:
                 bar.close()
             raise self._data_error(e, f"in the evaluation at iteration {self.iter}") from None
 
-    def _saved_iter(self):
+    def _saved_iter(self) -> str:
         p = self.run_dir / "last.pt"
-        return runio.load_checkpoint(p, mmap=True)["iter"] if p.is_file() else "none saved"
+        if not p.is_file():
+            return "none saved yet"
+        return f"at iteration {runio.load_checkpoint(p, mmap=True)['iter']}"
 
     def _pictures(self) -> None:
         try:
@@ -353,7 +352,7 @@ class Trainer:
                 except NonFiniteLoss as e:
                     self.log.info(f"stopping: non-finite {e.what} at iteration {i + 1} "
                                   f"(term {e.term!r} = {e.value}), before its backward; last.pt "
-                                  f"left untouched (iteration {self._saved_iter()})")
+                                  f"left untouched ({self._saved_iter()})")
                     bar.close()
                     return 3
                 _sync_grads(params)
@@ -362,7 +361,7 @@ class Trainer:
                 if bad is not None:
                     self.log.info(f"stopping: non-finite parameter {bad!r} after the step of "
                                   f"iteration {i + 1} (term 'parameters'); last.pt left "
-                                  f"untouched (iteration {self._saved_iter()})")
+                                  f"untouched ({self._saved_iter()})")
                     bar.close()
                     return 3
                 self.iter = i + 1

@@ -199,23 +199,41 @@ def check_resume(run_dir: str | os.PathLike, config: dict, world_size: int) -> d
     return ckpt
 
 
-def set_aside_orphaned_best(run_dir: str | os.PathLike, best: dict) -> str | None:
-    """`best.pt` must be the best recorded in `last.pt` (`best = {"iter", "value"}`); one from
-    an abandoned trajectory (written after the last `last.pt`, before a crash) is renamed
-    `best.pt.orphaned`. Returns a warning, or None."""
-    path = Path(run_dir) / "best.pt"
+def set_aside_orphaned_best(run_dir: str | os.PathLike, ckpt: dict | None) -> list[str]:
+    """`best.pt` must hold the best recorded in `last.pt` (`ckpt`; None for a fresh start).
+    One from an abandoned trajectory (written at an evaluation whose `last.pt` a crash
+    prevented) is renamed `best.pt.orphaned`. When the recorded best is `last.pt`'s own
+    iteration, `best.pt` is written again from `last.pt`'s networks; an older recorded best was
+    overwritten by the orphan and is lost: the best is then tracked afresh (`ckpt["best"]` is
+    reset). Returns warnings for the log."""
+    run_dir = Path(run_dir)
+    path = run_dir / "best.pt"
+    best = ckpt["best"] if ckpt else {"iter": None, "value": None}
     if not path.is_file():
-        return None
+        return []
     try:
         it = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iter")
     except Exception:  # unreadable: certainly not the recorded best
         it = "unreadable"
     if it == best.get("iter"):
-        return None
+        return []
     dest = path.with_name("best.pt.orphaned")
     os.replace(path, dest)
-    return (f"warning: {path} (iteration {it}) is not the best recorded in last.pt "
-            f"(iteration {best.get('iter')}): set aside as {dest.name}")
+    notes = [f"warning: {path} (iteration {it}) is not the best recorded in last.pt "
+             f"(iteration {best.get('iter')}): set aside as {dest.name}"]
+    if ckpt is None or best.get("iter") is None:
+        return notes
+    if best["iter"] == ckpt["iter"]:
+        atomic_save({k: ckpt[k] for k in ("format", "stage", "iter", "models", "config",
+                                          "world_size", "version") if k in ckpt}
+                    | {"metric": ckpt.get("last_eval")}, path)
+        notes.append(f"best.pt of iteration {best['iter']} written again from last.pt")
+    else:
+        notes.append(f"warning: the best.pt of iteration {best['iter']} was overwritten by the "
+                     "abandoned trajectory and cannot be recovered; the best is tracked afresh "
+                     f"from iteration {ckpt['iter']} on")
+        ckpt["best"] = {"iter": None, "value": None}
+    return notes
 
 
 def truncate_metrics(path: str | os.PathLike, last_iter: int) -> int:
