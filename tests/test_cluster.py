@@ -104,6 +104,18 @@ def test_accel_divergence_stops_cleanly(lr, term, tiny_data, tiny_runs, tmp_path
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.parametrize("stage", ["segnet", "sfm"])
+def test_segnet_and_sfm_divergence_stop_cleanly(stage, tiny_data, tiny_runs, tmp_path, capsys):
+    extra = (["--imagenet-init", "none"] if stage == "segnet"
+             else ["--flownet-ckpt", str(tiny_runs["accel"])])
+    rc = train.main(["--stage", stage, "--data", str(tiny_data), "--out", str(tmp_path / "r"),
+                     *TINY_TRAIN, "--iters", "40", "--eval-every", "40", "--lr", "1e12",
+                     *extra])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "stopping:" in ln]
+    assert rc == 3 and len(line) == 1 and "non-finite" in line[0] and "iteration" in line[0]
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
 def test_nan_flow_is_caught_before_backward(tiny_data, tiny_runs):
     from sfc.train.stages import NonFiniteLoss, build_stage
 

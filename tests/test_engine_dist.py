@@ -1,4 +1,6 @@
-"""The training engine in two processes (gloo, CPU), as torchrun would launch it."""
+"""The training engine in two processes (gloo, CPU), as torchrun would launch it: DDP gives the
+mean of the single-process gradients of the two ranks' clips, also on the SFC paths (source
+backward under no_sync, two forwards before one backward), and the replicas stay identical."""
 
 import json
 import socket
@@ -6,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import TINY_TRAIN
 
 
 def _free_port() -> int:
@@ -14,45 +17,123 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, data_root, out, dump):
+def _worker(rank, world, port, argv, dump):
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     from sfc import dist, train
     from sfc.train import engine
 
-    args = train.resolve(train.build_parser().parse_args([
-        "--stage", "segnet", "--data", data_root, "--out", out, "--iters", "2",
-        "--eval-every", "2", "--layers", "1", "1", "1", "1", "--width", "8",
-        "--source-size", "64", "32", "--target-size", "64", "32", "--num-workers", "0",
-        "--imagenet-init", "none", "--device", "cpu"]))
+    args = train.resolve(train.build_parser().parse_args(argv))
     trainer = engine.Trainer(args, train.build_data(args))
+    stage, seen = trainer.stage, {}
+    step, train_step = stage.optimizer.step, stage.train_step
+
+    def record_inputs(src, tgt):
+        if "src" not in seen:
+            seen["src"], seen["tgt"] = src, tgt
+        return train_step(src, tgt)
+
+    def record_grads(*a, **k):
+        if "grads" not in seen:
+            seen["grads"] = {n: p.grad.clone() for net in stage.main_nets
+                             for n, p in stage.nets[net].named_parameters()
+                             if p.grad is not None}
+        return step(*a, **k)
+
+    stage.train_step, stage.optimizer.step = record_inputs, record_grads
     rc = trainer.run()
-    sd = trainer.stage.nets["segnet"].state_dict()
-    torch.save({"rc": rc, "sd": sd, "consumed": trainer.streams["source"].state_dict()},
-               f"{dump}/rank{rank}.pt")
+    sd = {k: v for net in stage.main_nets for k, v in stage.nets[net].state_dict().items()}
+    torch.save({"rc": rc, "sd": sd, "ddp": sorted(stage.ddp), **seen}, f"{dump}/rank{rank}.pt")
     trainer.close()
     dist.cleanup()
 
 
-@pytest.mark.slow
-def test_two_process_gloo_training(tmp_path):
-    from sfc.data.synthetic import generate
+def _two_ranks(argv, dump):
+    mp.start_processes(_worker, args=(2, _free_port(), argv, str(dump)), nprocs=2, join=True,
+                       start_method="spawn")
+    return [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
-    generate(tmp_path / "data", seed=0, tiny=True, datasets=("viper", "cityscapes"))
+
+def _single_process_grads(argv, batches):
+    """The gradient of each rank's clip in one process, from the same initial state."""
+    from sfc import train
+    from sfc.train.stages import build_stage
+
+    args = train.resolve(train.build_parser().parse_args(argv))
+    grads = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same kernels, the same float32 rounding
+    for src, tgt in batches:
+        torch.manual_seed(args.seed)
+        stage = build_stage(args, torch.device("cpu"), log=lambda s: None)
+        stage.train_mode()
+        stage.set_iteration_lr(0)
+        stage.optimizer.zero_grad(set_to_none=True)
+        stage.train_step(src, tgt)
+        grads.append({n: p.grad.clone() for net in stage.main_nets
+                      for n, p in stage.nets[net].named_parameters() if p.grad is not None})
+    torch.set_num_threads(threads)
+    return grads
+
+
+def _check_ddp_mean(ranks, argv):
+    assert [r["rc"] for r in ranks] == [0, 0]
+    assert ranks[0]["src"]["name"] != ranks[1]["src"]["name"]  # each rank its own clip
+    single = _single_process_grads(argv, [(r["src"], r["tgt"]) for r in ranks])
+    assert set(ranks[0]["grads"]) == set(single[0]) and len(single[0]) > 10
+    worst = 0.0
+    for name, g in ranks[0]["grads"].items():
+        assert torch.equal(g, ranks[1]["grads"][name]), name  # one all-reduced gradient
+        mean = (single[0][name] + single[1][name]) / 2
+        rel = ((g - mean).norm() / mean.norm().clamp(min=1e-30)).item()
+        worst = max(worst, rel)
+    print(f"DDP vs mean of single-process gradients: worst relative difference {worst:.2e}")
+    assert worst <= 1e-6, worst
+    for k, v in ranks[0]["sd"].items():  # replicas identical (BN broadcast before the eval)
+        assert torch.equal(v, ranks[1]["sd"][k]), k
+
+
+@pytest.mark.slow
+def test_ddp_sfc_stage_one_equals_mean_of_single_process_gradients(tiny_data, tiny_runs,
+                                                                   tmp_path):
+    argv = ["--stage", "segnet", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+            *TINY_TRAIN, "--imagenet-init", "none", "--iters", "1", "--eval-every", "1",
+            "--sfc-weight", "0.005", "--flownet-ckpt", str(tiny_runs["accel"]),
+            "--sfm-ckpt", str(tiny_runs["sfm"]), "--device", "cpu"]
+    ranks = _two_ranks(argv, tmp_path)
+    assert ranks[0]["ddp"] == ["segnet"] and ranks[0]["tgt"] is not None
+    _check_ddp_mean(ranks, argv)
     out = tmp_path / "run"
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "data"), str(out),
-                                      str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert r0["rc"] == 0 and r1["rc"] == 0
-    # averaged gradients keep the replicas identical; BN buffers are broadcast before eval
-    for k, v in r0["sd"].items():
-        assert torch.equal(v, r1["sd"][k]), k
-    res = json.loads((out / "result.json").read_text())  # written by rank 0 only
-    assert res["last"]["iter"] == 2 and 0.0 <= res["last"]["value"] <= 1.0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["world_size"] == 2
-    log = (out / "log.txt").read_text()
-    assert log.count("stage segnet ->") == 1  # one writer
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "log.txt").read_text().count("stage segnet ->") == 1  # one writer
+
+
+@pytest.mark.slow
+def test_ddp_sfc_stage_two_equals_mean_of_single_process_gradients(tiny_data, tiny_runs,
+                                                                   tmp_path):
+    argv = ["--stage", "accel", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+            *TINY_TRAIN, "--chairs-init", "none", "--iters", "1", "--eval-every", "1",
+            "--update-ckpt", str(tiny_runs["segnet"]),
+            "--reference-ckpt", str(tiny_runs["segnet"]), "--sfc-weight", "0.001",
+            "--flownet-ckpt", str(tiny_runs["accel"]), "--sfm-ckpt", str(tiny_runs["sfm"]),
+            "--device", "cpu"]
+    ranks = _two_ranks(argv, tmp_path)
+    assert ranks[0]["ddp"] == ["accel"] and ranks[0]["tgt"]["seg"].shape[2] == 3
+    _check_ddp_mean(ranks, argv)
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_is_refused(tiny_data, tmp_path, capsys):
+    from sfc import train
+
+    out = tmp_path / "run"
+    argv = ["--stage", "segnet", "--data", str(tiny_data), "--out", str(out), *TINY_TRAIN,
+            "--imagenet-init", "none", "--iters", "2", "--eval-every", "1", "--stop-after", "1",
+            "--device", "cpu"]
+    ranks = _two_ranks(argv, tmp_path)
+    assert [r["rc"] for r in ranks] == [0, 0]
+    assert train.main(argv) == 2  # one process now: the data order would change
+    assert "world_size 2 -> 1" in capsys.readouterr().err

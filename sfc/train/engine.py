@@ -17,11 +17,13 @@ them) save `last.pt` and exit 128 + signal; a non-finite loss, flow or parameter
 `last.pt` untouched; a data error (also inside a loader worker) saves `last.pt`, is logged and
 exits 2 with the one-line `DatasetError`.
 
-Several processes (torchrun): each draws its own shard of every epoch (`DistributedSampler`);
-the gradients of the trainable parameters are all-reduced (mean) before the step — done by hand
-rather than with DDP because the SFC losses call the network twice before one backward, which
-DDP's reducer does not allow; frozen networks take no part. BatchNorm buffers are broadcast from
-rank 0 before each evaluation. Rank 0 does all I/O.
+Several processes (torchrun): each draws its own shard of every epoch; the trained networks
+are wrapped in `DistributedDataParallel(broadcast_buffers=False)` after the resume (so rank 0's
+parameters and buffers are broadcast at the start), the source backward runs under `no_sync()`
+when the SFC loss follows (its two forwards, then one backward, reduce the summed gradient
+once), frozen networks take no part. BatchNorm running statistics are per rank during training;
+rank 0's are broadcast before each evaluation (what is evaluated and saved, as a single GPU's
+run would keep the statistics of the batches it saw). Rank 0 does all I/O.
 """
 
 from __future__ import annotations
@@ -74,24 +76,6 @@ class _Signals:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def _sync_grads(params) -> None:
-    world = dist.get_world_size()
-    if world <= 1:
-        return
-    for p in params:
-        if p.grad is None:  # every rank must take part in the same collective
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():  # one flat all-reduce per dtype instead of one per tensor
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch_dist.all_reduce(flat)
-        flat.div_(world)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
 
 
 def _broadcast_buffers(stage) -> None:
@@ -312,6 +296,8 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         result_path = self.run_dir / "result.json"
         resumed = self.resume()
+        if self.info.world_size > 1:
+            stage.wrap_ddp()  # after the resume: rank 0's state is broadcast
         if resumed and self.iter >= cfg.iters and result_path.is_file():
             self.log.info(f"run {self.run_dir} already finished ({self.iter} iterations); "
                           "nothing to do")
@@ -355,7 +341,6 @@ class Trainer:
                                   f"left untouched ({self._saved_iter()})")
                     bar.close()
                     return 3
-                _sync_grads(params)
                 stage.optimizer.step()
                 bad = _nonfinite_parameter(named)
                 if bad is not None:

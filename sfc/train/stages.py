@@ -87,6 +87,7 @@ class Stage:
         self.device = device
         self.log = log
         self.nets: dict[str, nn.Module] = {}
+        self.ddp: dict[str, nn.Module] = {}  # DistributedDataParallel wrappers (several ranks)
         self.sfc = cfg.sfc_weight > 0
 
     # -- shared helpers -----------------------------------------------------------------
@@ -112,6 +113,31 @@ class Stage:
             if self.cfg.channels_last and device.type == "cuda":
                 self.nets[name] = net.to(memory_format=torch.channels_last)
         return self
+
+    # -- several processes ---------------------------------------------------------------
+    def wrap_ddp(self) -> None:
+        """Wrap the trained networks in `DistributedDataParallel` (call after loading a resumed
+        state: the wrapper broadcasts rank 0's parameters and buffers). `broadcast_buffers=
+        False`: each rank's BatchNorm statistics follow its own batches (rank 0's are the ones
+        evaluated and saved, see the engine); frozen networks are not wrapped."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        for name in self.main_nets:
+            net = self.nets[name]
+            if any(p.requires_grad for p in net.parameters()):
+                ids = [self.device] if self.device.type == "cuda" else None
+                self.ddp[name] = DDP(net, device_ids=ids, broadcast_buffers=False)
+
+    def model(self, name: str) -> nn.Module:
+        """What the training step calls: the DDP wrapper of `name` if any, else the network."""
+        return self.ddp.get(name, self.nets[name])
+
+    def no_sync(self, name: str, more_backward: bool):
+        """Context for a backward pass that another one follows in the same step (the source
+        loss before the SFC loss): DDP accumulates locally and reduces once, in the last."""
+        if more_backward and name in self.ddp:
+            return self.ddp[name].no_sync()
+        return contextlib.nullcontext()
 
     def saved_state(self) -> dict:
         return {k: v.state_dict() for k, v in self.nets.items()}
@@ -169,7 +195,7 @@ class SegNetStage(Stage):
         return optim.poly_lr(i, self.cfg.lr, self.cfg.iters)
 
     def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
-        net = self.nets["segnet"]
+        net = self.model("segnet")
         seg = src["seg"]  # (B, 3, T, H, W), SegNet-normalised
         out = {}
         if self.sfc and self.cfg.source_prev_forward:
@@ -177,10 +203,11 @@ class SegNetStage(Stage):
             # is one more BN running-statistics update. Kept, under no_grad, and only through
             # the backbone (the classifiers have no BN): the same statistics, exactly.
             with torch.no_grad(), self.autocast():
-                net.features(seg[:, :, -2])
-        with self.autocast():
-            l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
-        l_seg.backward()
+                self.nets["segnet"].features(seg[:, :, -2])
+        with self.no_sync("segnet", more_backward=self.sfc):
+            with self.autocast():
+                l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
+            l_seg.backward()
         out["seg"] = float(l_seg.detach())
         if self.sfc:
             t_seg, t_flow = tgt["seg"], tgt["flow"]
@@ -248,12 +275,13 @@ class AccelStage(Stage):
         return rule(i, self.cfg.lr, self.cfg.warmup_lr, self.cfg.warmup_iters)
 
     def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
-        accel = self.nets["accel"]
-        with self.autocast():
-            logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
-            l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
-        self.flow_watch.check()
-        l_seg.backward()
+        accel = self.model("accel")
+        with self.no_sync("accel", more_backward=self.sfc):
+            with self.autocast():
+                logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
+                l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
+            self.flow_watch.check()
+            l_seg.backward()
         out = {"seg": float(l_seg.detach())}
         if self.sfc:
             s, f = tgt["seg"], tgt["flow"]  # (B, 3, 3, H, W): frames t-2, t-1, t
@@ -307,7 +335,7 @@ class SFMStage(Stage):
         with self.autocast():
             loss = _checked("sfm", losses.sfm_loss(
                 f[:, :, -2], f[:, :, -1], src["label_prev"], src["label"],
-                self.nets["flownet_global"], self.nets["sfm"], gt_down4x=src["label_down4x"]))
+                self.nets["flownet_global"], self.model("sfm"), gt_down4x=src["label_down4x"]))
         loss.backward()
         return {"sfm": float(loss.detach())}
 
