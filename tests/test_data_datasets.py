@@ -200,7 +200,12 @@ def test_determinism(tmp_path):
         generate(tmp_path / name, seed=seed, tiny=True)
         files[name] = {p.relative_to(tmp_path / name): p.read_bytes()
                        for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
-    assert len(files["a"]) == 3 * 21 * 2 + (5 * 3 + 5) + 12 * 2  # VIPER, Cityscapes, SYNTHIA
+    # VIPER (3 sequences × 21 frames × image + label), Cityscapes (3 train snippets of 3 frames,
+    # 2 val snippets of 30 frames as the real ones, 5 labels), SYNTHIA (12 × image + label)
+    assert len(files["a"]) == 3 * 21 * 2 + (3 * 3 + 2 * 30 + 5) + 12 * 2
+    val = sorted(p.name for p in files["a"] if "leftImg8bit_sequence/val" in str(p))
+    assert len(val) == 60 and val[0].endswith("_000000_leftImg8bit.png")
+    assert sum(n.endswith("_000029_leftImg8bit.png") for n in val) == 2
     assert files["a"] == files["b"]
     assert files["a"].keys() == files["c"].keys() and files["a"] != files["c"]
 

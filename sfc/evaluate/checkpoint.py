@@ -198,3 +198,30 @@ def build_model(info: CheckpointInfo, layers=None, width=None) -> torch.nn.Modul
                                     f"layers={layers}, width={width}, {info.num_classes} "
                                     f"classes: {str(e).splitlines()[0]} …") from e
     return model
+
+
+def load_flownet(path) -> torch.nn.Module:
+    """A FlowNetS from any file the project reads, for judging temporal consistency with one
+    flow for every model: a FlowNet_pretrain stage-two run (`accel.flownet`, the documented
+    choice), an SFM run (`sfm`), any Accel run or release Accel state dict (`flownet.`), or a
+    bare FlowNetS state dict (the release's `flownet_source_well_trained.pth`)."""
+    from sfc.models import FlowNetS
+
+    path = os.fspath(path)
+    sd, _, _, _ = _flat_state_dict(path, _raw(path))
+    key = "conv1.0.weight"
+    prefixes = sorted((k[: -len(key)] for k in sd if k.endswith(key)),
+                      key=lambda p: (not p.endswith("flownet."), "global" in p, len(p)))
+    if not prefixes:
+        raise CheckpointFormatError(f"{path}: no FlowNetS weights ('…conv1.0.weight'); expected "
+                                    "a FlowNet_pretrain stage-two run, an SFM run or a FlowNetS "
+                                    "state dict; " + _found(sd))
+    p = prefixes[0]
+    net = FlowNetS()
+    sub = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    try:
+        net.load_state_dict(sub, strict=True)
+    except RuntimeError as e:
+        raise CheckpointFormatError(f"{path}: the weights under {p!r} are not a FlowNetS: "
+                                    f"{str(e).splitlines()[0]}") from e
+    return net.eval()

@@ -20,10 +20,17 @@ from torch.utils.data import Subset
 from sfc import dist, flags
 from sfc.checkpoints import CheckpointFormatError
 from sfc.data.io import DatasetError
-from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
+from sfc.evaluate.checkpoint import (
+    SOURCE_CLASSES,
+    build_model,
+    check_classes,
+    inspect_checkpoint,
+    load_flownet,
+)
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet
 from sfc.evaluate.data import NativeLabels, make_eval_loader
 from sfc.evaluate.metrics import format_table, metrics_record, write_csv, write_json
+from sfc.evaluate.temporal import evaluate_temporal_consistency
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="write the per-class table as CSV here")
     p.add_argument("--save-pred", default=None, metavar="DIR",
                    help="write colourised predictions as DIR/<name>.png")
+    p.add_argument("--keyframe-interval", type=int, nargs="+", default=[1], metavar="K",
+                   help="Accel: one evaluation per K, with the keyframe K frames before the "
+                        "labelled frame (the clip of K+1 frames ending at it; 1 = the paper's "
+                        "protocol; the real snippets allow K <= 19)")
+    p.add_argument("--temporal-consistency", action="store_true",
+                   help="also measure temporal consistency (TC): the mIoU between the "
+                        "prediction at t and the prediction at t-1 warped to t, over the last "
+                        "--tc-pairs frame pairs of each val snippet, flow from --tc-flownet")
+    p.add_argument("--tc-flownet", default=None, metavar="CKPT",
+                   help="the FlowNetS that judges TC for every model (e.g. the FlowNet_pretrain "
+                        "stage-two run's best.pt, an SFM run, a FlowNetS .pth)")
+    p.add_argument("--tc-pairs", type=int, default=5,
+                   help="frame pairs per snippet for TC, ending at the labelled frame (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+MAX_KEYFRAME_INTERVAL = 19  # a real snippet holds 19 frames before the labelled one
 
 
 def _safe_name(name, i: int) -> str:
@@ -103,6 +126,20 @@ def validate(args) -> None:
     flags.check_ints(args, "layers", 1)
     flags.check_size(args, "size")
     flags.check_device(args.device)
+    flags.check_ints(args, "keyframe_interval", 1)
+    if max(args.keyframe_interval) > MAX_KEYFRAME_INTERVAL:
+        raise flags.FlagError(f"--keyframe-interval {max(args.keyframe_interval)}: at most "
+                              f"{MAX_KEYFRAME_INTERVAL} (the snippets hold 19 frames before the "
+                              "labelled one)")
+    flags.check_number(args, "tc_pairs", low=1)
+    if args.temporal_consistency:
+        if args.tc_flownet is None:
+            raise flags.FlagError("--temporal-consistency needs --tc-flownet CKPT (the FlowNet "
+                                  "that judges every model, e.g. FlowNet_pretrain stage two's)")
+        if max(args.keyframe_interval) + args.tc_pairs > MAX_KEYFRAME_INTERVAL:
+            raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-interval "
+                                  f"{max(args.keyframe_interval)} needs more than the 19 frames "
+                                  "before the labelled one")
     for name in ("json", "csv"):
         if getattr(args, name):
             flags.check_writable_file(getattr(args, name), f"--{name}")
@@ -133,24 +170,44 @@ def run(args) -> dict | None:
         warn_size(info, args.size)
     protocol = get_protocol(SOURCE_CLASSES[source])
 
-    dataset = CityscapesSeq(Path(args.data) / DATASET_DIRS["cityscapes"], split=args.split,
-                            frames=2, size=tuple(args.size), classes=protocol.num_classes,
-                            list_file=args.list_file)
-    if args.protocol == "full":
-        dataset = NativeLabels(dataset)
-    if args.limit is not None:
-        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
-    loader = make_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                              pin_memory=device.type == "cuda")
+    if info.mode != "accel" and args.keyframe_interval != [1]:
+        raise flags.FlagError(f"--keyframe-interval applies to Accel checkpoints; {info.path} "
+                              "is a single-frame SegNet")
+    root = Path(args.data) / DATASET_DIRS["cityscapes"]
+
+    def loader_of(frames: int, limit=args.limit):
+        ds = CityscapesSeq(root, split=args.split, frames=frames, size=tuple(args.size),
+                           classes=protocol.num_classes, list_file=args.list_file)
+        if args.protocol == "full":
+            ds = NativeLabels(ds)
+        if limit is not None:
+            ds = Subset(ds, range(min(limit, len(ds))))
+        return make_eval_loader(ds, batch_size=args.batch_size, num_workers=args.workers,
+                                pin_memory=device.type == "cuda")
 
     model = build_model(info, args.layers, args.width).to(device)
+    tc_net = load_flownet(args.tc_flownet).to(device) if args.temporal_consistency else None
     hook = _PredWriter(args.save_pred, protocol.palette) if args.save_pred else None
-    evaluate = evaluate_accel if info.mode == "accel" else evaluate_segnet
-    res = evaluate(model, loader, protocol.num_classes, protocol.eval_ids, device=device,
-                   protocol=args.protocol, progress=not args.no_progress, amp=args.amp,
-                   pred_hook=hook)
+    per_k = []
+    for i, k in enumerate(args.keyframe_interval):
+        if info.mode == "accel":
+            res = evaluate_accel(model, loader_of(k + 1), protocol.num_classes,
+                                 protocol.eval_ids, device=device, protocol=args.protocol,
+                                 progress=not args.no_progress, amp=args.amp,
+                                 pred_hook=hook if i == 0 else None, keyframe_interval=k)
+        else:
+            res = evaluate_segnet(model, loader_of(2), protocol.num_classes, protocol.eval_ids,
+                                  device=device, protocol=args.protocol,
+                                  progress=not args.no_progress, amp=args.amp, pred_hook=hook)
+        if tc_net is not None:
+            res["tc"] = evaluate_temporal_consistency(
+                model, info.mode, loader_of(args.tc_pairs + k + 1), tc_net, protocol.num_classes,
+                protocol.eval_ids, pairs=args.tc_pairs, keyframe_interval=k, device=device,
+                progress=not args.no_progress)
+        per_k.append((k, res))
     record = None
     if dist.is_main():
+        k0, res = per_k[0]
         record = metrics_record(
             res["per_class"], res["miou"], protocol.class_names, protocol.eval_ids,
             num_images=res["num_images"], protocol=args.protocol,
@@ -158,8 +215,13 @@ def run(args) -> dict | None:
             checkpoint_format=info.fmt, checkpoint_which=info.meta.get("which"),
             iteration=info.meta.get("iteration"), mode=info.mode, source=source,
             class_protocol=protocol.name, input_size=list(args.size),
-            world_size=info_d.world_size,
+            world_size=info_d.world_size, keyframe_interval=k0,
         )
+        if len(per_k) > 1 or k0 != 1 or tc_net is not None:
+            record["keyframe_intervals"] = [_k_record(k, r, protocol) for k, r in per_k]
+        if tc_net is not None:
+            record["temporal_consistency"] = record["keyframe_intervals"][0]["tc"]
+            record["tc_flownet"] = os.fspath(args.tc_flownet)
         print(format_table(record))
         if args.json:
             write_json(args.json, record)
@@ -171,6 +233,18 @@ def run(args) -> dict | None:
             print(f"colourised predictions in {args.save_pred}")
     dist.barrier()
     return record
+
+
+def _k_record(k: int, res: dict, protocol) -> dict:
+    names, ids = protocol.class_names, list(protocol.eval_ids)
+    rec = {"keyframe_interval": k, "miou": float(res["miou"]),
+           "per_class": {names[i]: float(res["per_class"][i]) for i in ids},
+           "num_images": res["num_images"]}
+    if "tc" in res:
+        tc = res["tc"]
+        rec["tc"] = {"tc": tc["tc"], "pairs": tc["pairs"], "num_snippets": tc["num_snippets"],
+                     "per_class": {names[i]: tc["per_class"][i] for i in ids}}
+    return rec
 
 
 def main(argv=None) -> int:

@@ -143,21 +143,26 @@ def evaluate_segnet(model, loader, num_classes: int, eval_ids=None, device="cpu"
 
 def evaluate_accel(model, loader, num_classes: int, eval_ids=None, device="cpu",
                    protocol: str = "release", limit: int | None = None, progress: bool = True,
-                   amp: str | None = None, pred_hook: Callable | None = None) -> dict:
-    """Accel on the clip (f-1, f) → logits for f at the input size (SPEC §6); then as
-    :func:`evaluate_segnet` (logits upsampled to the label size only under ``full``).
-    Longer clips are cut to their last two frames."""
+                   amp: str | None = None, pred_hook: Callable | None = None,
+                   keyframe_interval: int = 1) -> dict:
+    """Accel on the clip (f-K, ..., f) → logits for f at the input size (SPEC §6: K = 1, the
+    clip (f-1, f)); the reference branch runs on the keyframe f-K and is propagated through K
+    flows. Then as :func:`evaluate_segnet` (logits upsampled to the label size only under
+    ``full``). Longer clips are cut to their last K+1 frames."""
     device = torch.device(device)
+    k = int(keyframe_interval)
 
     def predict(batch):
-        seg = batch["seg"][:, :, -2:].to(device, non_blocking=True)  # (B, 3, 2, H, W)
-        flow = batch["flow"][:, :, -2:].to(device, non_blocking=True)
-        if seg.shape[2] != 2:
-            raise ValueError(f"Accel evaluation needs clips of >= 2 frames, got {seg.shape[2]}")
+        seg = batch["seg"][:, :, -(k + 1):].to(device, non_blocking=True)  # (B, 3, K+1, H, W)
+        flow = batch["flow"][:, :, -(k + 1):].to(device, non_blocking=True)
+        if seg.shape[2] != k + 1:
+            raise ValueError(f"Accel evaluation with keyframe interval {k} needs clips of "
+                             f">= {k + 1} frames, got {seg.shape[2]}")
         return model(seg, flow)  # (B, C, H, W)
 
     return _confusion_loop(predict, [model], loader, num_classes, eval_ids, device, protocol,
-                           limit, progress, amp, pred_hook, "eval accel")
+                           limit, progress, amp, pred_hook,
+                           "eval accel" + (f" K={k}" if k != 1 else ""))
 
 
 def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = None,

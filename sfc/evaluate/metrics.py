@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "format_keyframe_table",
     "confusion_matrix",
     "iou_from_confusion",
     "metrics_record",
@@ -125,7 +126,26 @@ def format_table(record: dict) -> str:
     lines.append("-" * (width + 10))
     n_eval = record.get("num_eval_classes", len(record["per_class"]))
     lines.append(f"{'mIoU':<{width}}  {100 * record['miou']:7.2f}  (mean of {n_eval} classes)")
+    if record.get("keyframe_intervals"):
+        lines += ["", format_keyframe_table(record)]
     return "\n".join(lines)
+
+
+def format_keyframe_table(record: dict) -> str:
+    """mIoU (and TC) per keyframe interval K, in percent."""
+    rows = record["keyframe_intervals"]
+    tc = any("tc" in r for r in rows)
+    head = f"{'K (keyframe distance)':<22}{'mIoU (%)':>10}" + (f"{'TC (%)':>10}" if tc else "")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['keyframe_interval']:<22}{100 * r['miou']:>10.2f}"
+        if tc:
+            line += f"{100 * r['tc']['tc']:>10.2f}" if "tc" in r else f"{'—':>10}"
+        out.append(line)
+    if tc:
+        out.append(f"TC: the prediction at t against t-1 warped by flow, last "
+                   f"{rows[0]['tc']['pairs']} pairs of each snippet")
+    return "\n".join(out)
 
 
 def _parent(path: str) -> None:
@@ -142,13 +162,29 @@ def write_json(path: str, record: dict) -> None:
 
 
 def write_csv(path: str, record: dict) -> None:
-    """CSV with columns ``class, iou, iou_percent, in_mean``; the last row is ``mIoU``."""
+    """CSV with columns ``class, iou, iou_percent, in_mean`` (the first keyframe interval), then
+    ``iou_k<K>`` per keyframe interval and ``tc_k<K>`` (per-class TC IoU) when measured; the
+    last rows are ``mIoU`` and, with TC, ``TC``."""
     _parent(path)
+    ks = record.get("keyframe_intervals") or []
+    tcs = [r for r in ks if "tc" in r]
+
+    def extra(name, key="per_class"):
+        vals = [r[key].get(name) for r in ks] + [r["tc"]["per_class"].get(name) for r in tcs]
+        return ["" if v is None else f"{v:.6f}" for v in vals]
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", "iou", "iou_percent", "in_mean"])
+        w.writerow(["class", "iou", "iou_percent", "in_mean"]
+                   + [f"iou_k{r['keyframe_interval']}" for r in ks]
+                   + [f"tc_k{r['keyframe_interval']}" for r in tcs])
         for name, v in record["per_class"].items():
-            w.writerow([name, f"{v:.6f}", f"{100 * v:.2f}", 1])
+            w.writerow([name, f"{v:.6f}", f"{100 * v:.2f}", 1] + extra(name))
         for name, v in record.get("per_class_not_in_mean", {}).items():
-            w.writerow([name, f"{v:.6f}", f"{100 * v:.2f}", 0])
-        w.writerow(["mIoU", f"{record['miou']:.6f}", f"{100 * record['miou']:.2f}", 1])
+            w.writerow([name, f"{v:.6f}", f"{100 * v:.2f}", 0] + [""] * (len(ks) + len(tcs)))
+        w.writerow(["mIoU", f"{record['miou']:.6f}", f"{100 * record['miou']:.2f}", 1]
+                   + [f"{r['miou']:.6f}" for r in ks] + [""] * len(tcs))
+        if tcs:
+            tc0 = tcs[0]["tc"]["tc"]
+            w.writerow(["TC", f"{tc0:.6f}", f"{100 * tc0:.2f}", 1] + [""] * len(ks)
+                       + [f"{r['tc']['tc']:.6f}" for r in tcs])

@@ -35,9 +35,10 @@ SIZES = {"viper": (256, 144), "cityscapes": (256, 128), "synthia_seq": (160, 95)
 NATIVE_SIZES = {"viper": (1920, 1080), "cityscapes": (2048, 1024), "synthia_seq": (1280, 760)}
 TINY_SIZES = {"viper": (96, 54), "cityscapes": (96, 48), "synthia_seq": (64, 38)}
 DEFAULTS = dict(viper_seqs=6, viper_val_seqs=2, frames_per_seq=41, viper_first_frame=0,
-                cs_train=24, cs_val=12, cs_context=3, synthia_frames=60)
+                cs_train=24, cs_val=12, cs_context=3, cs_val_frames=30, synthia_frames=60)
 TINY = dict(viper_seqs=2, viper_val_seqs=1, frames_per_seq=21, viper_first_frame=0,
-            cs_train=3, cs_val=2, cs_context=2, synthia_frames=12)
+            cs_train=3, cs_val=2, cs_context=2, cs_val_frames=30, synthia_frames=12)
+CS_SNIPPET = 30  # real Cityscapes-Seq snippets: 30 frames, the 20th (index 19) labelled
 TRAIN_CITIES, VAL_CITIES = ("aachen", "bochum", "bremen"), ("frankfurt", "lindau", "munster")
 
 
@@ -80,10 +81,19 @@ def write_viper(out: Path, seed: int, size, seqs: int, val_seqs: int, frames: in
 
 
 def write_cityscapes(out: Path, seed: int, size, n_train: int, n_val: int, context: int,
-                     bar) -> int:
+                     bar, val_frames: int = CS_SNIPPET) -> int:
+    """Train snippets: the `context` frames before the annotated one and it; val snippets:
+    `val_frames` frames from the first (the real ones: 30, frames 0..29, the 20th labelled), so
+    that keyframe distances up to 19 and temporal consistency can be evaluated."""
     lut, n, f = _lut(CITYSCAPES_IDS), 0, 19  # annotated: the 20th frame of a snippet
     for si, (split, count, cities) in enumerate((("train", n_train, TRAIN_CITIES),
                                                  ("val", n_val, VAL_CITIES))):
+        if split == "train":
+            span = range(f - context, f + 1)
+        elif val_frames >= f + 1:
+            span = range(0, val_frames)
+        else:  # a shorter snippet ends at the labelled frame
+            span = range(f + 1 - val_frames, f + 1)
         for k in range(count):
             city, seq = cities[k % len(cities)], f"{k // len(cities):06d}"
             scene_rng, noise = _rngs(seed, 1, si, k)
@@ -92,7 +102,7 @@ def write_cityscapes(out: Path, seed: int, size, n_train: int, n_val: int, conte
             gt_dir = out / "gtFine" / split / city
             img_dir.mkdir(parents=True, exist_ok=True)
             gt_dir.mkdir(parents=True, exist_ok=True)
-            for t in range(f - context, f + 1):
+            for t in span:
                 cls, _, rgb = scene.render(t, size[0], size[1], CITYSCAPES_STYLE, noise(t))
                 Image.fromarray(rgb).save(img_dir / f"{city}_{seq}_{t:06d}_leftImg8bit.png",
                                           compress_level=1)  # fast zlib level, same format
@@ -131,7 +141,7 @@ def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, ti
 
     ``counts`` override the defaults (``DEFAULTS``, or ``TINY`` with ``tiny=True``): viper_seqs,
     viper_val_seqs, frames_per_seq, viper_first_frame, cs_train, cs_val, cs_context,
-    synthia_frames. ``sizes`` maps a dataset name to (W, H).
+    cs_val_frames, synthia_frames. ``sizes`` maps a dataset name to (W, H).
     """
     unknown = set(counts) - set(DEFAULTS)
     if unknown:
@@ -145,7 +155,8 @@ def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, ti
     sz = {**(NATIVE_SIZES if native else TINY_SIZES if tiny else SIZES), **(sizes or {})}
     out = Path(out_dir)
     total = (c["frames_per_seq"] * (c["viper_seqs"] + c["viper_val_seqs"]) * ("viper" in datasets)
-             + (c["cs_context"] + 1) * (c["cs_train"] + c["cs_val"]) * ("cityscapes" in datasets)
+             + ((c["cs_context"] + 1) * c["cs_train"] + c["cs_val_frames"] * c["cs_val"])
+             * ("cityscapes" in datasets)
              + c["synthia_frames"] * ("synthia_seq" in datasets))
     written = {}
     with tqdm(total=total, desc="synthetic frames", disable=not progress) as bar:
@@ -156,7 +167,7 @@ def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, ti
         if "cityscapes" in datasets:
             written["cityscapes"] = write_cityscapes(out / "Cityscapes", seed, sz["cityscapes"],
                                                      c["cs_train"], c["cs_val"], c["cs_context"],
-                                                     bar)
+                                                     bar, c["cs_val_frames"])
         if "synthia_seq" in datasets:
             written["synthia_seq"] = write_synthia(out / "SynthiaSeq" / "SEQS-04-DAWN", seed,
                                                    sz["synthia_seq"], c["synthia_frames"],
@@ -191,7 +202,10 @@ def main(argv=None) -> None:
     p.add_argument("--cs-train", type=int, help="Cityscapes train annotated frames (default 24)")
     p.add_argument("--cs-val", type=int, help="Cityscapes val annotated frames (default 12)")
     p.add_argument("--cs-context", type=int,
-                   help="Cityscapes sequence frames written before each annotated one (default 3)")
+                   help="Cityscapes train frames written before each annotated one (default 3)")
+    p.add_argument("--cs-val-frames", type=int,
+                   help="frames of each Cityscapes val snippet, from its first (default 30, as "
+                        "the real ones: the 20th labelled)")
     p.add_argument("--synthia-frames", type=int, help="SYNTHIA-Seq frames (default 60)")
     a = p.parse_args(argv)
     counts = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k) is not None}

@@ -1,0 +1,120 @@
+"""Temporal consistency (TC) of a video model's predictions (issue 12).
+
+TC is the mIoU between the prediction at frame t and the prediction at t-1 warped to t by
+optical flow, accumulated in one confusion matrix over the last `pairs` frame pairs before (and
+ending at) the labelled frame of every val snippet. The flow comes from one fixed FlowNet
+(`--tc-flownet`), so that every model compared is judged with the same flow. Conventions:
+
+* the flow is the FlowNetS's backward flow at 1/4 resolution, `flownet(cat[img_t, img_{t-1}])`
+  (pixels of the 1/4 grid), upsampled bilinearly to the prediction size and scaled by 4;
+* the prediction of t-1 is sampled at `p + flow(p)` by nearest neighbour (a label map); pixels
+  whose source falls outside the image are left out;
+* the mean is over the protocol's evaluated classes that occur in either map (a class absent
+  from both predictions is not "inconsistent"); a constant prediction under zero flow has TC 1.
+* Accel predicts frame t from the clip (t-K, ..., t) with the keyframe interval K of the
+  evaluation; a single-frame SegNet from frame t alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sfc import dist
+from sfc.evaluate.metrics import confusion_matrix
+
+
+def upsample_flow(flow: torch.Tensor, size) -> torch.Tensor:
+    """Flow `B×2×h×w` in pixels of its grid → `B×2×H×W` in pixels of the `size` grid."""
+    h, w = flow.shape[-2:]
+    up = F.interpolate(flow.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    scale = torch.tensor([size[1] / w, size[0] / h], device=flow.device).view(1, 2, 1, 1)
+    return up * scale
+
+
+def warp_labels(labels: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """`out(p) = labels(p + flow(p))` by nearest neighbour; labels `B×H×W` int, flow `B×2×H×W`
+    (pixels); -1 where the source lies outside the image."""
+    b, h, w = labels.shape
+    ys = torch.arange(h, device=labels.device).view(1, h, 1).float()
+    xs = torch.arange(w, device=labels.device).view(1, 1, w).float()
+    sx = torch.round(xs + flow[:, 0]).long()  # (B, H, W)
+    sy = torch.round(ys + flow[:, 1]).long()
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    idx = sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1)
+    out = labels.reshape(b, -1).gather(1, idx.reshape(b, -1)).reshape(b, h, w)
+    return torch.where(inside, out, torch.full_like(out, -1))
+
+
+def tc_from_confusion(cm: torch.Tensor, eval_ids) -> tuple[float, list[float | None]]:
+    """(TC, per-class IoU or None for classes absent from both maps) of `cm[pred_t, warped]`."""
+    cm = cm.double().cpu()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    ids = list(eval_ids)
+    per = [float(tp[i] / union[i]) if union[i] > 0 else None for i in range(cm.shape[0])]
+    present = [per[i] for i in ids if per[i] is not None]
+    return (sum(present) / len(present) if present else float("nan")), per
+
+
+@torch.no_grad()
+def consistency_confusion(pred_t: torch.Tensor, pred_prev: torch.Tensor, flow: torch.Tensor,
+                          num_classes: int) -> torch.Tensor:
+    """Confusion matrix between `pred_t` and `pred_prev` warped to t (`flow` at any grid)."""
+    warped = warp_labels(pred_prev, upsample_flow(flow, pred_t.shape[-2:]))
+    return confusion_matrix(warped, pred_t, num_classes)
+
+
+@torch.no_grad()
+def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes: int,
+                                  eval_ids, pairs: int = 5, keyframe_interval: int = 1,
+                                  device="cpu", progress: bool = True) -> dict:
+    """TC over a loader of clips of `pairs + keyframe_interval + 1` frames ending at the
+    labelled frame (`CityscapesSeq(frames=...)`). Returns {"tc", "per_class" (None = absent),
+    "pairs", "num_snippets", "keyframe_interval"}, summed over processes."""
+    device = torch.device(device)
+    k, need = int(keyframe_interval), pairs + int(keyframe_interval) + 1
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    was = (model.training, flownet.training)
+    model.eval()
+    flownet.eval()
+    seen = 0
+    bar = tqdm(loader, desc=f"temporal consistency K={k}", leave=False, dynamic_ncols=True,
+               disable=not (progress and dist.is_main()))
+    for batch in bar:
+        seg = batch["seg"].to(device)  # (B, 3, T, H, W)
+        flw = batch["flow"].to(device)
+        if seg.shape[2] < need:
+            raise ValueError(f"temporal consistency over {pairs} pairs at keyframe interval {k} "
+                             f"needs clips of {need} frames, got {seg.shape[2]}")
+        seg, flw = seg[:, :, -need:], flw[:, :, -need:]
+        b, t = seg.shape[0], seg.shape[2]
+        # predictions for the last pairs+1 frames: frame j from the clip (j-K .. j) for Accel
+        frames = range(t - pairs - 1, t)
+        if mode == "accel":
+            s = torch.cat([seg[:, :, j - k:j + 1] for j in frames])  # ((P+1)·B, 3, K+1, H, W)
+            f = torch.cat([flw[:, :, j - k:j + 1] for j in frames])
+            logits = model(s, f)
+        else:
+            out = model(torch.cat([seg[:, :, j] for j in frames]))
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+        size = seg.shape[-2:]
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear",
+                                   align_corners=False)
+        pred = logits.argmax(1).view(pairs + 1, b, *size)  # (P+1, B, H, W)
+        cur = torch.cat([flw[:, :, j] for j in frames[1:]])  # (P·B, 3, H, W), frames t
+        prev = torch.cat([flw[:, :, j - 1] for j in frames[1:]])
+        flow = flownet(torch.cat((cur, prev), 1))  # (P·B, 2, H/4, W/4), backward t → t-1
+        cm += consistency_confusion(pred[1:].reshape(-1, *size), pred[:-1].reshape(-1, *size),
+                                    flow, num_classes)
+        seen += b
+    bar.close()
+    model.train(was[0])
+    flownet.train(was[1])
+    dist.all_reduce_sum(cm)
+    n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
+    tc, per = tc_from_confusion(cm, eval_ids)
+    return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
+            "keyframe_interval": k}

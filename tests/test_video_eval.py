@@ -1,0 +1,139 @@
+"""Measuring a video model (issue 12): accuracy against keyframe distance and temporal
+consistency, on the synthetic val snippets (30 frames each, the 20th labelled, as the real)."""
+
+import csv
+import json
+
+import pytest
+import torch
+from test_evaluate import tiny_accel, tiny_segnet
+
+from sfc.data import CityscapesSeq
+from sfc.evaluate import evaluate_accel, main, make_eval_loader
+from sfc.evaluate.temporal import (
+    consistency_confusion,
+    tc_from_confusion,
+    upsample_flow,
+    warp_labels,
+)
+from sfc.models import FlowNetS
+
+SIZE = ("64", "32")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    accel = tiny_accel()
+    with torch.no_grad():  # no class bias: the (tiny) features decide, so predictions vary
+        for head in (accel.net_ref.layer6, accel.net_update.layer6):
+            for conv in head.conv2d_list:
+                conv.bias.zero_()
+    torch.save(accel.state_dict(), d / "accel.pth")  # the release's Accel layout
+    torch.save(tiny_segnet().state_dict(), d / "segnet.pth")
+    torch.manual_seed(1)
+    torch.save(FlowNetS().state_dict(), d / "flownet.pth")
+    return d
+
+
+def cli(tiny_data, ckpt, tmp_path, *extra):
+    js = tmp_path / "r.json"
+    rc = main(["--checkpoint", str(ckpt), "--data", str(tiny_data), "--size", *SIZE,
+               "--device", "cpu", "--workers", "0", "--no-progress", "--json", str(js),
+               *map(str, extra)])
+    return rc, json.loads(js.read_text())
+
+
+def test_keyframe_interval_one_is_the_default_number(tiny_data, files, tmp_path):
+    _, default = cli(tiny_data, files / "accel.pth", tmp_path)
+    _, k1 = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1")
+    assert k1["miou"] == default["miou"] and k1["per_class"] == default["per_class"]
+    assert default["keyframe_interval"] == 1 and "keyframe_intervals" not in default
+
+
+def test_accuracy_against_keyframe_distance(tiny_data, files, tmp_path):
+    _, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1", "2", "5",
+                 "--csv", tmp_path / "r.csv")
+    ks = rec["keyframe_intervals"]
+    assert [r["keyframe_interval"] for r in ks] == [1, 2, 5]
+    assert ks[0]["miou"] == rec["miou"] and ks[0]["num_images"] == 2
+    # K = 5: the reference branch on frame f-5, propagated through 5 flows (a 6-frame clip)
+    ds = CityscapesSeq(tiny_data / "Cityscapes", frames=6, size=(64, 32))
+    model = tiny_accel()
+    model.load_state_dict(torch.load(files / "accel.pth", weights_only=True))
+    want = evaluate_accel(model, make_eval_loader(ds, num_workers=0), 15, progress=False,
+                          keyframe_interval=5)
+    assert ks[2]["miou"] == pytest.approx(want["miou"], abs=1e-12)
+    item = ds[0]
+    with torch.no_grad():
+        direct = model(item["seg"][None], item["flow"][None])  # Accel.forward, 6 frames
+        two = model(item["seg"][None, :, -2:], item["flow"][None, :, -2:])
+    assert not torch.equal(direct, two)  # the keyframe distance changes the prediction
+    rows = list(csv.reader(open(tmp_path / "r.csv")))
+    assert rows[0][4:] == ["iou_k1", "iou_k2", "iou_k5"]
+    assert rows[-1][0] == "mIoU" and float(rows[-1][6]) == pytest.approx(ks[2]["miou"], abs=1e-6)
+
+
+def test_warp_labels_and_flow_scaling():
+    labels = torch.arange(12).view(1, 3, 4)
+    flow = torch.zeros(1, 2, 3, 4)
+    assert torch.equal(warp_labels(labels, flow), labels)
+    flow[:, 0] = 1.0  # every pixel samples its right neighbour
+    out = warp_labels(labels, flow)
+    assert torch.equal(out[..., :3], labels[..., 1:]) and (out[..., 3] == -1).all()
+    up = upsample_flow(torch.ones(1, 2, 2, 3), (8, 12))  # ×4 grid: 1 px becomes 4 px
+    assert torch.allclose(up, torch.full((1, 2, 8, 12), 4.0))
+
+
+def test_tc_of_constant_and_shifted_predictions():
+    pred = torch.zeros(2, 16, 20, dtype=torch.long)
+    pred[:, :, 10:] = 3  # two regions
+    zero = torch.zeros(2, 2, 4, 5)  # flow at 1/4 resolution
+    tc, per = tc_from_confusion(consistency_confusion(pred, pred.clone(), zero, 15), range(15))
+    assert tc == 1.0 and per[0] == per[3] == 1.0 and per[1] is None
+    shifted = torch.roll(pred, 1, dims=2)  # the next frame moved by one pixel, zero flow
+    tc_s, _ = tc_from_confusion(consistency_confusion(shifted, pred, zero, 15), range(15))
+    assert 0.5 < tc_s < 1.0
+    # a flow that undoes the shift makes it consistent again (the wrapped column is left out)
+    back = torch.zeros(2, 2, 16, 20)
+    back[:, 0] = -1.0
+    tc_b, _ = tc_from_confusion(consistency_confusion(shifted[..., 1:], pred[..., 1:],
+                                                      back[..., 1:], 15), range(15))
+    assert tc_b == 1.0
+
+
+def test_temporal_consistency_in_the_cli(tiny_data, files, tmp_path):
+    rc, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1", "3",
+                  "--temporal-consistency", "--tc-flownet", files / "flownet.pth",
+                  "--csv", tmp_path / "r.csv")
+    assert rc == 0
+    tc = rec["temporal_consistency"]
+    assert 0.0 < tc["tc"] <= 1.0 and tc["pairs"] == 5 and tc["num_snippets"] == 2
+    assert rec["keyframe_intervals"][1]["tc"]["tc"] != tc["tc"]  # another K, other predictions
+    assert rec["tc_flownet"] == str(files / "flownet.pth")
+    rows = list(csv.reader(open(tmp_path / "r.csv")))
+    assert rows[-1][0] == "TC" and float(rows[-1][1]) == pytest.approx(tc["tc"], abs=1e-6)
+    # a single-frame SegNet is judged with the same flow
+    rc, seg = cli(tiny_data, files / "segnet.pth", tmp_path, "--temporal-consistency",
+                  "--tc-flownet", files / "flownet.pth")
+    assert rc == 0 and 0.0 < seg["temporal_consistency"]["tc"] <= 1.0
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--temporal-consistency"], "needs --tc-flownet"),
+    (["--keyframe-interval", "20"], "at most 19"),
+    (["--keyframe-interval", "0"], "--keyframe-interval 0"),
+    (["--temporal-consistency", "--tc-flownet", "x", "--keyframe-interval", "15"],
+     "needs more than the 19 frames"),
+])
+def test_keyframe_and_tc_flags(extra, msg, tiny_data, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(files / "accel.pth"), "--data", str(tiny_data), *extra])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_keyframe_interval_of_a_segnet_is_refused(tiny_data, files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(files / "segnet.pth"), "--data", str(tiny_data), "--size",
+              *SIZE, "--keyframe-interval", "2", "--device", "cpu"])
+    assert e.value.code == 2 and "applies to Accel checkpoints" in capsys.readouterr().err
