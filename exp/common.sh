@@ -12,6 +12,9 @@
 #   LAUNCH       launcher prefix, split into words, e.g. "torchrun --nproc_per_node=4"
 #                (default: "$PYTHON")
 #   DRY_RUN=1    print the command instead of running it
+#   BN_CONTROL=1 SFC stages: the control run (--bn-control: the SFC stage's target forwards,
+#                no SFC loss), written to the sibling tree SFC_bn_control/ (stage two consumes
+#                the control's stage-one runs)
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SFC_DATA="${SFC_DATA:-$REPO/data}"
@@ -19,6 +22,7 @@ SFC_WEIGHTS="${SFC_WEIGHTS:-$REPO/model_weights}"
 SFC_OUT="${SFC_OUT:-$REPO/save_results}"
 SOURCE="${SOURCE:-viper}"
 DRY_RUN="${DRY_RUN:-0}"
+BN_CONTROL="${BN_CONTROL:-0}"
 case "$SOURCE" in
   viper | synthia_seq) ;;
   *) echo "error: SOURCE must be viper or synthia_seq, got '$SOURCE'" >&2; exit 2 ;;
@@ -30,6 +34,17 @@ LAUNCH="${LAUNCH:-}"
 
 # run_dir RELPATH -> $SFC_OUT/$SOURCE/RELPATH (RELPATH mirrors exp/ without script/)
 run_dir() { echo "$SFC_OUT/$SOURCE/$1"; }
+
+# sfc_run_dir RELPATH -> run_dir of an SFC stage: SFC/... or, with BN_CONTROL=1, the control's
+# sibling SFC_bn_control/...
+sfc_run_dir() {
+  if [[ "$BN_CONTROL" == 1 ]]; then run_dir "SFC_bn_control/${1#SFC/}"; else run_dir "$1"; fi
+}
+
+# bn_control_args: adds --bn-control with BN_CONTROL=1
+bn_control_args() {
+  if [[ "$BN_CONTROL" == 1 ]]; then ARGS+=(--bn-control); fi
+}
 
 # has_flag FLAG ARGS... -> true if FLAG is among ARGS (the script's "$@" overrides)
 has_flag() {

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="weight of the SFC loss on target video (0: source only; paper 0.005 stage one, "
            "0.001 stage two)")
     a("--scale", type=float, default=100.0, help="softmax scale of the soft masks")
+    a("--bn-control", action="store_true",
+      help="SFC stages: the control run — every target forward happens as with the SFC loss "
+           "(same networks, modes, BatchNorm updates, data order), but no SFC loss is computed "
+           "or back-propagated (the flow networks are not loaded); separates the SFC loss from "
+           "BatchNorm adaptation to the target")
     a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
       help="SFC stage one: skip the release's unused forward of source frame t-1 (quirk 7; "
            "it only moves BN statistics)")
@@ -135,9 +140,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.layers = list(args.layers)
     if args.warmup_order is None:
         args.warmup_order = "before" if args.sfc_weight > 0 else "after"
+    if args.bn_control and (args.stage == "sfm" or args.sfc_weight <= 0):
+        raise flags.FlagError("--bn-control applies to the SFC stages (--stage segnet or accel "
+                              "with --sfc-weight > 0)")
     need = {"accel": ["update_ckpt", "reference_ckpt"], "sfm": ["flownet_ckpt"]}.get(
         args.stage, [])
-    if args.sfc_weight > 0 and args.stage != "sfm":
+    if args.sfc_weight > 0 and args.stage != "sfm" and not args.bn_control:
         need += ["flownet_ckpt", "sfm_ckpt"]
     missing = [n for n in need if getattr(args, n) is None]
     if missing:

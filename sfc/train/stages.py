@@ -89,6 +89,8 @@ class Stage:
         self.nets: dict[str, nn.Module] = {}
         self.ddp: dict[str, nn.Module] = {}  # DistributedDataParallel wrappers (several ranks)
         self.sfc = cfg.sfc_weight > 0
+        # the control run: the SFC stage's target forwards without its loss (issue 12)
+        self.bn_control = bool(getattr(cfg, "bn_control", False)) and self.sfc
 
     # -- shared helpers -----------------------------------------------------------------
     def autocast(self):
@@ -98,6 +100,10 @@ class Stage:
 
     def _load_frozen_flow_nets(self) -> None:
         """flownet_global (FlowNet_pretrain stage-two FlowNet) and SFM, frozen, eval mode."""
+        if self.bn_control:
+            self.log("BN control: the target forwards of the SFC loss run, the loss does not "
+                     "(flownet_global and the SFM are not loaded)")
+            return
         fg, sfm = FlowNetS(), FlowNetS()
         p = inputs.resolve(self.cfg.flownet_ckpt, self.cfg.select, "flownet",
                            self.cfg.allow_unfinished)
@@ -204,12 +210,18 @@ class SegNetStage(Stage):
             # the backbone (the classifiers have no BN): the same statistics, exactly.
             with torch.no_grad(), self.autocast():
                 self.nets["segnet"].features(seg[:, :, -2])
-        with self.no_sync("segnet", more_backward=self.sfc):
+        with self.no_sync("segnet", more_backward=self.sfc and not self.bn_control):
             with self.autocast():
                 l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
             l_seg.backward()
         out["seg"] = float(l_seg.detach())
-        if self.sfc:
+        if self.bn_control:
+            # the SFC loss's two target forwards (t-1, then t), train mode: the same BatchNorm
+            # updates; no loss, no backward
+            with torch.no_grad(), self.autocast():
+                net(tgt["seg"][:, :, -2])
+                net(tgt["seg"][:, :, -1])
+        elif self.sfc:
             t_seg, t_flow = tgt["seg"], tgt["flow"]
             with self.autocast():
                 lp = net(t_seg[:, :, -2])
@@ -276,7 +288,7 @@ class AccelStage(Stage):
 
     def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
         accel = self.model("accel")
-        with self.no_sync("accel", more_backward=self.sfc):
+        with self.no_sync("accel", more_backward=self.sfc and not self.bn_control):
             with self.autocast():
                 logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
                 l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
@@ -287,6 +299,12 @@ class AccelStage(Stage):
             s, f = tgt["seg"], tgt["flow"]  # (B, 3, 3, H, W): frames t-2, t-1, t
             if s.shape[2] != 3:
                 raise ValueError(f"SFC stage two needs 3-frame target clips, got {s.shape[2]}")
+        if self.bn_control:
+            # the SFC loss's two Accel forwards (frame t from (t-1, t), then t-1 from (t-2, t-1))
+            with torch.no_grad(), self.autocast():
+                accel(s[:, :, 1:], f[:, :, 1:])
+                accel(s[:, :, :2], f[:, :, :2])
+        elif self.sfc:
             with self.autocast():
                 l_sfc = _checked("sfc", losses.accel_sfc_loss(
                     s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SFC stage one, 'reference' SegNet: as update.sh with seed 1 (SPEC §5, quirk 4).
-# Run dir: $SFC_OUT/$SOURCE/SFC/stage_one/reference.  Extra arguments override (e.g. --iters 200 --eval-every 100).
+# Run dir: $SFC_OUT/$SOURCE/SFC/stage_one/reference (BN_CONTROL=1: SFC_bn_control/...).
+# Extra arguments override (e.g. --iters 200 --eval-every 100).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../../../common.sh"
 
@@ -20,4 +21,5 @@ imagenet_init "$@"
 need_run --flownet-ckpt "$(run_dir FlowNet_pretrain/stage_two/train)" \
   FlowNet_pretrain/stage_two/script/train.sh "$@"
 need_run --sfm-ckpt "$(run_dir SFM/train)" SFM/script/train.sh "$@"
-run_train "$(run_dir SFC/stage_one/reference)" "$@"
+bn_control_args
+run_train "$(sfc_run_dir SFC/stage_one/reference)" "$@"

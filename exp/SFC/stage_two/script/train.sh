@@ -2,7 +2,8 @@
 # SFC stage two: Accel from the SFC stage-one SegNets and the Flying Chairs FlowNet; source CE
 # + 0.001 x SFC stage-two loss on 3-frame Cityscapes clips (SPEC §5). Its best.pt holds the
 # final model (Accel, plus flownet_global and SFM).
-# Run dir: $SFC_OUT/$SOURCE/SFC/stage_two/train.  Extra arguments override.
+# Run dir: $SFC_OUT/$SOURCE/SFC/stage_two/train (BN_CONTROL=1: SFC_bn_control/...).
+# Extra arguments override.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../../../common.sh"
 
@@ -19,10 +20,11 @@ ARGS=(
   --scale 100               # hard-coded by the release's stage-two script
 )
 chairs_init "$@"
-need_run --update-ckpt "$(run_dir SFC/stage_one/update)" SFC/stage_one/script/update.sh "$@"
-need_run --reference-ckpt "$(run_dir SFC/stage_one/reference)" \
+need_run --update-ckpt "$(sfc_run_dir SFC/stage_one/update)" SFC/stage_one/script/update.sh "$@"
+need_run --reference-ckpt "$(sfc_run_dir SFC/stage_one/reference)" \
   SFC/stage_one/script/reference.sh "$@"
 need_run --flownet-ckpt "$(run_dir FlowNet_pretrain/stage_two/train)" \
   FlowNet_pretrain/stage_two/script/train.sh "$@"
 need_run --sfm-ckpt "$(run_dir SFM/train)" SFM/script/train.sh "$@"
-run_train "$(run_dir SFC/stage_two/train)" "$@"
+bn_control_args
+run_train "$(sfc_run_dir SFC/stage_two/train)" "$@"
