@@ -22,7 +22,7 @@ import sfc
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 REPO = Path(__file__).resolve().parent.parent
-UPPER = ("sfc.train", "sfc.evaluate", "sfc.demo", "sfc.bench")
+UPPER = ("sfc.train", "sfc.evaluate", "sfc.predict", "sfc.demo", "sfc.bench")
 RULES = [  # (importing part, parts it must not import)
     ("sfc.models", UPPER + ("sfc.data", "sfc.losses")),
     ("sfc.losses", UPPER + ("sfc.data",)),
@@ -31,8 +31,9 @@ RULES = [  # (importing part, parts it must not import)
     ("sfc.dist", UPPER),
     ("sfc.vis", UPPER),
     ("sfc.flags", UPPER),
-    ("sfc.evaluate", ("sfc.train", "sfc.demo", "sfc.bench")),
-    ("sfc.train", ("sfc.demo", "sfc.bench")),
+    ("sfc.evaluate", ("sfc.train", "sfc.predict", "sfc.demo", "sfc.bench")),
+    ("sfc.train", ("sfc.predict", "sfc.demo", "sfc.bench")),
+    ("sfc.predict", ("sfc.train", "sfc.demo", "sfc.bench")),
 ]
 
 
@@ -67,7 +68,7 @@ def violations(mod_imports: dict[str, set[str]]) -> list[str]:
             if _within(mod, part):
                 bad += [f"{mod} imports {i}" for i in sorted(imps)
                         if any(_within(i, f) for f in forbidden)]
-        for closed in ("sfc.demo", "sfc.bench"):
+        for closed in ("sfc.demo", "sfc.bench", "sfc.predict"):
             if not _within(mod, closed):
                 bad += [f"{mod} imports {i}" for i in sorted(imps) if _within(i, closed)]
     return bad
@@ -107,7 +108,7 @@ def test_top_level_is_parts_and_shared_modules_only():
     top = sorted(p.name for p in (REPO / "sfc").iterdir()
                  if p.name != "__pycache__" and not p.name.endswith(".egg-info"))
     assert top == ["__init__.py", "bench", "checkpoints.py", "data", "demo", "dist.py",
-                   "evaluate", "flags.py", "losses.py", "models", "train", "vis.py"]
+                   "evaluate", "flags.py", "losses.py", "models", "predict", "train", "vis.py"]
 
 
 def test_public_names_stay_where_the_readme_says():
@@ -152,7 +153,8 @@ def test_pyproject_dependencies_cover_the_pinned_set():
 
 
 SCRIPTS = {"sfc-train": "sfc.train.cli:main", "sfc-evaluate": "sfc.evaluate.cli:main",
-           "sfc-demo": "sfc.demo.runner:main", "sfc-bench": "sfc.bench.cli:main"}
+           "sfc-demo": "sfc.demo.runner:main", "sfc-bench": "sfc.bench.cli:main",
+           "sfc-predict": "sfc.predict.cli:main"}
 
 
 def test_console_scripts_point_at_the_commands():
@@ -176,6 +178,7 @@ def test_installed_console_scripts_print_help(name, prog):
 
 
 @pytest.mark.parametrize("module", ["sfc.train", "sfc.evaluate", "sfc.demo", "sfc.bench",
+                                    "sfc.predict",
                                     "sfc.data.check", "sfc.data.synthetic", "sfc.demo.gap"])
 def test_python_dash_m_commands_keep_their_names(module, monkeypatch, capsys):
     # what `python -m MODULE --help` runs, in this process (runpy is how -m runs a module)

@@ -103,3 +103,15 @@ def get_protocol(num_classes: int) -> Protocol:
         raise ValueError(f"no class protocol with {num_classes} classes; expected 15 "
                          "(VIPER→Cityscapes) or 12 (SYNTHIA-Seq→Cityscapes)")
     return PROTOCOLS[num_classes]
+
+
+def labelids_of_train_ids(num_classes: int) -> np.ndarray:
+    """(C,) uint8: the Cityscapes labelId written for each train id of the protocol (the
+    smallest labelId that maps to it: rider, merged into person by the 15-class map, is written
+    as person, 24). Predictions saved this way are read back by `CITYSCAPES_LUT_*` unchanged
+    and work with `cityscapesscripts` and the evaluation server."""
+    mapping = {15: CITYSCAPES_TO_15, 12: CITYSCAPES_TO_12}[get_protocol(num_classes).num_classes]
+    out = np.zeros(num_classes, dtype=np.uint8)
+    for label_id, train_id in sorted(mapping.items(), reverse=True):
+        out[train_id] = label_id
+    return out

@@ -1,0 +1,206 @@
+"""``python -m sfc.predict``: segment a video with a trained model.
+
+    python -m sfc.predict --checkpoint save_results/viper/SFC/stage_two/train/best.pt \
+        --frames data/Cityscapes/leftImg8bit_sequence/val/frankfurt --out pred/frankfurt
+    python -m sfc.predict --checkpoint best.pt --video drive.mp4 --out pred/drive \
+        --keyframe-interval 5
+
+An Accel checkpoint (this project's best.pt/last.pt, the release's stage-two best.pth) runs
+streaming (`sfc.predict.stream`): the reference branch on every K-th frame, its prediction
+carried forward by the FlowNet's flow, the update branch on every frame. A single-frame SegNet
+checkpoint (a stage-one run) predicts each frame alone. Frames are resized (bicubic) to the
+network size, the logits upsampled (bilinear) back to the frame's own size. Writes under --out:
+
+  color/NAME.png     the prediction in the Cityscapes palette
+  labelIds/NAME.png  Cityscapes labelIds (cityscapesscripts / the evaluation server read them)
+  overlay/NAME.png   frame and colours blended
+  prediction.mp4     frame | prediction, side by side
+  predict.json       checkpoint, classes, size, keyframes, frames/s measured
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from sfc import flags, vis
+from sfc.checkpoints import CheckpointFormatError
+from sfc.data.classes import get_protocol, labelids_of_train_ids
+from sfc.data.io import DatasetError, flow_normalise, seg_normalise
+from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
+from sfc.predict.frames import FrameFolder, VideoFile
+from sfc.predict.stream import StreamingAccel
+
+DEFAULT_SIZE = (1024, 512)  # the release's Cityscapes input size (SPEC §2.3)
+DEFAULT_FPS = 17.0  # Cityscapes sequences are recorded at 17 Hz
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sfc.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True,
+                   help="an Accel run's best.pt/last.pt, the release's stage-two best.pth, or a "
+                        "SegNet run (per-frame prediction)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--frames", metavar="DIR", help="a folder of frames (name order)")
+    src.add_argument("--video", metavar="FILE", help="a video file (read with OpenCV)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--keyframe-interval", type=int, default=1, metavar="K",
+                   help="Accel: run the reference branch on every K-th frame (default 1)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="network input size (default: the checkpoint's training size, else "
+                        "1024 512)")
+    p.add_argument("--source", choices=sorted(SOURCE_CLASSES), default=None,
+                   help="class protocol: viper (15) or synthia_seq (12) (default: the "
+                        "checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
+                                                  "available)")
+    p.add_argument("--limit", type=int, default=None, help="predict only the first N frames")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frame rate of the MP4 (default: the video's, else 17)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def validate(args) -> None:
+    flags.check_number(args, "keyframe_interval", low=1)
+    flags.check_number(args, "limit", low=1)
+    flags.check_number(args, "fps", low=0, low_open=True)
+    flags.check_size(args, "size")
+    flags.check_device(args.device)
+    flags.check_writable_dir(args.out, "--out")
+
+
+def _source_of(info) -> str:
+    if info.config.get("source"):
+        return info.config["source"]
+    return {v: k for k, v in SOURCE_CLASSES.items()}.get(info.num_classes, "viper")
+
+
+def _resize(rgb: np.ndarray, size) -> np.ndarray:
+    if (rgb.shape[1], rgb.shape[0]) == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.BICUBIC))
+
+
+def _tensors(rgb: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, H, W) SegNet input and FlowNet input of an RGB frame (SPEC §2.1)."""
+    seg = torch.from_numpy(seg_normalise(rgb))[None].to(device)
+    flow = torch.from_numpy(flow_normalise(rgb))[None].to(device)
+    return seg, flow
+
+
+class _Writer:
+    """The per-frame files and the side-by-side MP4."""
+
+    def __init__(self, out: Path, palette, num_classes: int, frame_size, fps: float):
+        self.out = out
+        for d in ("color", "labelIds", "overlay"):
+            (out / d).mkdir(parents=True, exist_ok=True)
+        self.palette = palette
+        self.label_ids = labelids_of_train_ids(num_classes)
+        w, h = frame_size
+        self.mp4 = out / "prediction.mp4"
+        self.video = cv2.VideoWriter(str(self.mp4), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                     (2 * w, h))
+        if not self.video.isOpened():
+            raise DatasetError(f"{self.mp4}: OpenCV cannot write an MP4 (mp4v) here")
+
+    def __call__(self, name: str, rgb: np.ndarray, pred: np.ndarray) -> None:
+        colour = vis.colorize(pred, self.palette)  # (H0, W0, 3)
+        Image.fromarray(colour).save(self.out / "color" / f"{name}.png")
+        Image.fromarray(self.label_ids[pred]).save(self.out / "labelIds" / f"{name}.png")
+        blend = (0.5 * rgb.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
+        Image.fromarray(blend).save(self.out / "overlay" / f"{name}.png")
+        self.video.write(cv2.cvtColor(np.concatenate([rgb, colour], axis=1), cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        self.video.release()
+
+
+def run(args) -> dict:
+    validate(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = inspect_checkpoint(args.checkpoint)
+    source = args.source or _source_of(info)
+    check_classes(info, source)
+    protocol = get_protocol(SOURCE_CLASSES[source])
+    size = tuple(args.size or info.config.get("target_size") or DEFAULT_SIZE)
+    if info.mode != "accel" and args.keyframe_interval != 1:
+        raise flags.FlagError(f"--keyframe-interval applies to Accel checkpoints; "
+                              f"{info.path} is a single-frame SegNet")
+    frames = (FrameFolder(args.frames, args.limit) if args.frames
+              else VideoFile(args.video, args.limit))
+    model = build_model(info).to(device).eval()
+    stream = StreamingAccel(model, args.keyframe_interval) if info.mode == "accel" else None
+    out = Path(args.out)
+    writer = _Writer(out, protocol.palette, protocol.num_classes, frames.size,
+                     args.fps or frames.fps or DEFAULT_FPS)
+    keyframes, names, model_s, t_all = [], [], 0.0, time.perf_counter()
+    bar = tqdm(frames, total=len(frames) or None, desc="predict", dynamic_ncols=True,
+               disable=args.no_progress)
+    try:
+        with torch.no_grad():
+            for i, (name, rgb) in enumerate(bar):
+                seg, flow = _tensors(_resize(rgb, size), device)
+                t0 = time.perf_counter()
+                if stream is not None:
+                    if stream.is_keyframe():
+                        keyframes.append(i)
+                    logits = stream.step(seg, flow)  # (1, C, H, W)
+                else:
+                    logits = model(seg)
+                    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                logits = F.interpolate(logits.float(), size=rgb.shape[:2], mode="bilinear",
+                                       align_corners=False)  # the frame's own size
+                pred = logits.argmax(1)[0].cpu().numpy()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                model_s += time.perf_counter() - t0
+                writer(name, rgb, pred)
+                names.append(name)
+    finally:
+        writer.close()
+        bar.close()
+    total_s = time.perf_counter() - t_all
+    n = len(names)
+    record = {
+        "checkpoint": os.fspath(args.checkpoint), "checkpoint_format": info.fmt,
+        "mode": info.mode, "source": source, "classes": protocol.class_names,
+        "size": list(size), "frame_size": list(frames.size),
+        "input": os.fspath(args.frames or args.video), "frames": n, "names": names,
+        "keyframe_interval": args.keyframe_interval if stream is not None else None,
+        "keyframes": keyframes if stream is not None else None, "device": str(device),
+        "frames_per_s_model": round(n / model_s, 3) if model_s > 0 else None,
+        "frames_per_s_total": round(n / total_s, 3) if total_s > 0 else None,
+        "outputs": {"color": "color/", "labelIds": "labelIds/", "overlay": "overlay/",
+                    "video": writer.mp4.name},
+    }
+    (out / "predict.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{n} frames → {out} ({record['frames_per_s_model']} frames/s for the model, "
+          f"{record['frames_per_s_total']} with reading and writing; "
+          f"{len(keyframes) if stream is not None else n} reference passes)")
+    return record
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (flags.FlagError, CheckpointFormatError, DatasetError, FileNotFoundError) as e:
+        print(f"sfc.predict: error: {e}", file=sys.stderr)
+        return 2
+    return 0

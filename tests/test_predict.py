@@ -1,0 +1,159 @@
+"""`python -m sfc.predict` (issue 12): streaming Accel, its outputs, its errors."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_evaluate import tiny_accel, tiny_segnet
+
+from sfc.data.classes import CITYSCAPES_LUT_12, CITYSCAPES_LUT_15, labelids_of_train_ids
+from sfc.models import FlowNetS
+from sfc.predict import StreamingAccel
+from sfc.predict.cli import main
+
+
+def _varied_accel():
+    accel = tiny_accel()
+    with torch.no_grad():  # no class bias: the predictions vary over the frame
+        for head in (accel.net_ref.layer6, accel.net_update.layer6):
+            for conv in head.conv2d_list:
+                conv.bias.zero_()
+    return accel
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_streaming_equals_the_clip_forward(k):
+    accel = _varied_accel()
+    g = torch.Generator().manual_seed(0)
+    flow_imgs = torch.rand(7, 1, 3, 32, 64, generator=g)  # 7 frames
+    seg_imgs = flow_imgs * 255 - 110
+    stream = StreamingAccel(accel, keyframe_interval=k)
+    with torch.no_grad():
+        for t in range(7):
+            out = stream.step(seg_imgs[t], flow_imgs[t])
+            key = t - t % k  # its keyframe
+            clip_s = torch.stack(list(seg_imgs[key:t + 1]), dim=2)  # (1, 3, d+1, H, W)
+            clip_f = torch.stack(list(flow_imgs[key:t + 1]), dim=2)
+            want = accel(clip_s, clip_f)
+            assert torch.allclose(out, want, rtol=0, atol=1e-6), (k, t)
+    assert stream.t == 7
+
+
+def test_streaming_reference_passes_only_on_keyframes():
+    accel = tiny_accel()
+    calls = {"ref": 0, "flow": 0, "upd": 0}
+    for name, mod in (("ref", accel.net_ref), ("flow", accel.flownet), ("upd", accel.net_update)):
+        mod.register_forward_hook(lambda *a, n=name: calls.__setitem__(n, calls[n] + 1))
+    stream = StreamingAccel(accel, keyframe_interval=3)
+    x = torch.rand(1, 3, 32, 64)
+    for _ in range(7):
+        stream.step(x, x)
+    assert calls == {"ref": 3, "flow": 4, "upd": 7}  # keyframes 0, 3, 6
+
+
+@pytest.mark.parametrize("classes,lut", [(15, CITYSCAPES_LUT_15), (12, CITYSCAPES_LUT_12)])
+def test_label_ids_round_trip_through_the_label_map(classes, lut):
+    ids = labelids_of_train_ids(classes)
+    assert (lut[ids] == np.arange(classes)).all()
+    if classes == 15:
+        assert ids[9] == 24  # person (rider is merged into it) is written as person
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict_ckpts")
+    torch.save(_varied_accel().state_dict(), d / "accel.pth")
+    torch.save(tiny_segnet().state_dict(), d / "segnet.pth")
+    torch.save(FlowNetS().state_dict(), d / "sfm.pth")
+    return d
+
+
+def _frames(tiny_data):
+    city = sorted((tiny_data / "Cityscapes/leftImg8bit_sequence/val").iterdir())[0]
+    return city, sorted(city.glob("*.png"))
+
+
+def test_predict_a_folder(tiny_data, ckpts, tmp_path, capsys):
+    folder, files = _frames(tiny_data)
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(ckpts / "accel.pth"), "--frames", str(folder), "--out",
+                 str(out), "--size", "64", "32", "--keyframe-interval", "3", "--limit", "7",
+                 "--device", "cpu", "--no-progress"]) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    names = [f.stem for f in files[:7]]
+    assert rec["frames"] == 7 and rec["names"] == names and rec["keyframes"] == [0, 3, 6]
+    assert rec["mode"] == "accel" and rec["size"] == [64, 32] and len(rec["classes"]) == 15
+    assert rec["frames_per_s_model"] > 0
+    native = Image.open(files[0]).size
+    for sub in ("color", "labelIds", "overlay"):
+        got = sorted(p.stem for p in (out / sub).glob("*.png"))
+        assert got == names, sub
+        assert Image.open(out / sub / f"{names[0]}.png").size == native  # the frame's size
+    ids = np.asarray(Image.open(out / "labelIds" / f"{names[4]}.png"))
+    assert set(np.unique(ids)) <= set(labelids_of_train_ids(15).tolist())
+    colour = np.asarray(Image.open(out / "color" / f"{names[4]}.png"))
+    train_ids = CITYSCAPES_LUT_15[ids]  # back through the dataset's label map
+    from sfc import vis
+    from sfc.data.classes import get_protocol
+
+    assert np.array_equal(vis.colorize(train_ids, get_protocol(15).palette), colour)
+    cap = cv2.VideoCapture(str(out / "prediction.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 7 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 2 * native[0]
+    assert "7 frames" in capsys.readouterr().out
+
+
+def test_video_in_mp4_out(tiny_data, ckpts, tmp_path):
+    _, files = _frames(tiny_data)
+    video = tmp_path / "drive.mp4"
+    first = np.asarray(Image.open(files[0]))
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0,
+                        (first.shape[1], first.shape[0]))
+    for f in files[:6]:
+        w.write(cv2.cvtColor(np.asarray(Image.open(f).convert("RGB")), cv2.COLOR_RGB2BGR))
+    w.release()
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(ckpts / "segnet.pth"), "--video", str(video), "--out",
+                 str(out), "--size", "64", "32", "--device", "cpu", "--no-progress"]) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    assert rec["mode"] == "segnet" and rec["frames"] == 6 and rec["keyframes"] is None
+    assert sorted(p.name for p in (out / "color").iterdir())[0] == "frame_000000.png"
+    cap = cv2.VideoCapture(str(out / "prediction.mp4"))
+    assert cap.isOpened() and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == 6
+
+
+def test_predict_errors_are_one_line(tiny_data, ckpts, tmp_path, capsys):
+    folder, files = _frames(tiny_data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.open(files[0]).save(mixed / "a.png")
+    Image.open(files[1]).resize((50, 20)).save(mixed / "b.png")
+    garbage = tmp_path / "broken.mp4"
+    garbage.write_bytes(b"not a video" * 100)
+    cases = [
+        (["--frames", str(empty)], "no image files"),
+        (["--frames", str(mixed)], "frames of different sizes — a.png is"),
+        (["--video", str(garbage)], "cannot be read as a video"),
+        (["--video", str(tmp_path / "none.mp4")], "no such file"),
+        (["--frames", str(folder), "--checkpoint", str(ckpts / "sfm.pth")],
+         "neither an Accel nor a SegNet"),
+        (["--frames", str(folder), "--keyframe-interval", "0"], "--keyframe-interval 0"),
+    ]
+    for extra, msg in cases:
+        argv = ["--checkpoint", str(ckpts / "accel.pth"), "--out", str(tmp_path / "o"),
+                "--size", "64", "32", "--device", "cpu", "--no-progress", *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("sfc.predict: error: ") and msg in err, err
+        assert "Traceback" not in err
