@@ -28,8 +28,11 @@ RUNS = [run for run, *_ in demo.STAGES]
 def test_stage_order_and_scripts_exist():
     assert RUNS == ["FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
                     "FlowNet_pretrain/stage_two/train", "SFM/train", "SFC/stage_one/update",
-                    "SFC/stage_one/reference", "SFC/stage_two/train"]
-    for _, script, _, _ in demo.STAGES:
+                    "SFC/stage_one/reference", "SFC/stage_two/train",
+                    "SFC_bn_control/stage_one/update", "SFC_bn_control/stage_one/reference",
+                    "SFC_bn_control/stage_two/train"]
+    for run, script, _, _, env in demo.STAGES:
+        assert env == ({"BN_CONTROL": "1"} if run.startswith("SFC_bn_control") else {})
         path = REPO / "exp" / script
         assert path.is_file(), path
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -70,9 +73,14 @@ def demo_names(n):
     return get_protocol(n).class_names
 
 
-def _record(miou, n=15):
-    return {"miou": miou, "per_class": {c: miou for c in demo_names(n)},
-            "per_class_not_in_mean": {}}
+def _record(miou, n=15, tc=None, by_k=None):
+    rec = {"miou": miou, "per_class": {c: miou for c in demo_names(n)},
+           "per_class_not_in_mean": {}}
+    if by_k:
+        rec["keyframe_intervals"] = [{"keyframe_interval": k, "miou": v} for k, v in by_k.items()]
+    if tc is not None:
+        rec["temporal_consistency"] = {"tc": tc}
+    return rec
 
 
 def test_build_summary_compares_source_only_with_sfc(tmp_path):
@@ -80,11 +88,18 @@ def test_build_summary_compares_source_only_with_sfc(tmp_path):
     values["SFC/stage_one/update"] = (0.30, 0.26)
     values["SFC/stage_one/reference"] = (0.20, 0.20)  # SFC SegNet mean: 0.25 / 0.23
     values["SFM/train"] = (0.5, 0.6)
+    values["SFC_bn_control/stage_one/update"] = (0.24, 0.21)
     _fake_tree(tmp_path, values)
-    evals = {"FlowNet_pretrain/stage_two/train:best": _record(0.25),
-             "FlowNet_pretrain/stage_two/train:last": _record(0.22),
-             "SFC/stage_two/train:best": _record(0.21),
-             "SFC/stage_two/train:last": _record(0.22)}
+    k = {1: 0.21, 2: 0.19, 5: 0.15}
+    evals = {"FlowNet_pretrain/stage_two/train:best": _record(0.25, tc=0.9, by_k=k),
+             "FlowNet_pretrain/stage_two/train:last": _record(0.22, tc=0.9, by_k=k),
+             "SFC/stage_two/train:best": _record(0.21, tc=0.8, by_k=k),
+             "SFC/stage_two/train:last": _record(0.22, tc=0.8, by_k=k),
+             "SFC_bn_control/stage_two/train:best": _record(0.20, tc=0.85, by_k=k),
+             "SFC_bn_control/stage_two/train:last": _record(0.19, tc=0.85, by_k=k),
+             "FlowNet_pretrain/stage_one/update:best": _record(0.3, tc=0.7),
+             "SFC/stage_one/update:best": _record(0.3, tc=0.75),
+             "SFC_bn_control/stage_one/update:best": _record(0.3, tc=0.72)}
     s = build_summary(tmp_path, "viper", "demo", demo.CONFIGS["demo"], demo.STAGES, evals, {})
     assert [r["stage"] for r in s["stages"]] == RUNS
     c = s["comparison"]
@@ -95,12 +110,25 @@ def test_build_summary_compares_source_only_with_sfc(tmp_path):
     assert c["last"]["accel_delta"] == pytest.approx(0.0)
     assert "-4.0 points, below source-only" in s["verdict"]
     assert "about the same as source-only" in s["verdict"]
+    assert c["best"]["accel_sfc_minus_control"] == pytest.approx(0.01)
+    assert c["last"]["accel_sfc_minus_control"] == pytest.approx(0.03)
+    assert "best: 21.0 vs 20.0 mIoU (+1.0 points, above the BN control)" in s["verdict"]
+    rows = {(r["model"], r["variant"]): r for r in s["ablation"]["rows"]}
+    assert rows["SegNet (update branch)", "bn_control"]["miou_best"] == 0.24
+    assert rows["SegNet (update branch)", "sfc"]["tc_best"] == 0.75
+    assert rows["Accel", "bn_control"]["miou_last"] == 0.19
+    assert rows["Accel", "sfc"]["miou_by_keyframe"]["best"] == {"1": 0.21, "2": 0.19, "5": 0.15}
     assert s["final_model"]["miou"] == 0.21 and len(s["final_model"]["per_class"]) == 15
     table = format_summary(s)
     assert "[4] SFM/train" in table and "0.500 px @10" in table and "0.600 px @20" in table
     assert "30.0 @10" in table  # SFC stage one update, best, in percent
     last_line = [ln for ln in table.splitlines() if ln.startswith("mIoU")][0]
     assert last_line.split()[1:] == ["25.0", "21.0", "22.0", "22.0"]
+    assert "Ablation: what the SFC loss adds beyond BatchNorm adaptation" in table
+    ctl_row = [ln for ln in table.splitlines() if ln.startswith("Accel") and "BN control" in ln]
+    assert ctl_row[0].split()[-4:] == ["20.0", "19.0", "85.0", "85.0"]
+    k_row = [ln for ln in table.splitlines() if ln.startswith("SFC ") and len(ln.split()) == 4]
+    assert k_row[0].split() == ["SFC", "21.0", "19.0", "15.0"]
 
 
 def test_other_configuration_in_the_same_folder_is_refused(tmp_path):
@@ -153,7 +181,7 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
         assert name in r.stdout
     assert "as measured" in r.stdout
     # the progress display: stage headers
-    assert "[3/7] FlowNet_pretrain/stage_two — Accel source-only" in r.stdout
+    assert "[3/10] FlowNet_pretrain/stage_two — Accel source-only" in r.stdout
     # the gallery
     g = out / "gallery"
     frames = sorted(g.glob("frame_*.png"))
@@ -163,10 +191,23 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
     assert one.shape[1] == combined.shape[1] == 6 * 256 + 5 * 4  # six panels in a row
     assert combined.shape[0] > len(frames) * 100
     assert "gallery.png" in (g / "index.html").read_text()
+    # the ablation (BN control) and the video measurements
+    abl = {(r["model"], r["variant"]): r for r in s["ablation"]["rows"]}
+    assert len(abl) == 6
+    for row in abl.values():
+        assert _finite(row["miou_best"]) and 0 <= row["tc_best"] <= 1, row
+    for v in ("source_only", "bn_control", "sfc"):
+        assert sorted(abl["Accel", v]["miou_by_keyframe"]["best"]) == ["1", "2", "5"]
+    assert "Ablation: what the SFC loss adds" in r.stdout and "K=5" in r.stdout
+    assert "against the BN-control Accel" in s["verdict"]
+    gif = Image.open(g / "predict.gif")
+    assert gif.n_frames == 30 and "predict.gif" in (g / "index.html").read_text()
+    pj = json.loads((out / "predict" / "sfc" / "predict.json").read_text())
+    assert pj["frames"] == 30 and pj["mode"] == "accel"
 
 
 @pytest.mark.slow
-def test_smoke_demo_chains_the_seven_scripts(smoke):
+def test_smoke_demo_chains_the_scripts(smoke):
     """What the smoke demo's seven script runs left behind: each stage consumed the earlier
     ones' outputs as a user's chain would, and `sfc.evaluate` on the final model gives the
     in-training validation's number (the demo evaluates the same val frames)."""
@@ -176,7 +217,7 @@ def test_smoke_demo_chains_the_seven_scripts(smoke):
     assert r.returncode == 0
     runs = out / "runs" / "viper"
     iters = demo.CONFIGS["smoke"]["iters"]
-    for run, _, kind, _ in demo.STAGES:
+    for run, _, kind, _, _ in demo.STAGES:
         for f in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt"):
             assert (runs / run / f).is_file(), f"{run}/{f}"
         res = json.loads((runs / run / "result.json").read_text())
@@ -237,7 +278,7 @@ def test_smoke_demo_synthia_interrupt_and_resume(tmp_path):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("[3/7]"):
+        if line.startswith("[3/10]"):
             time.sleep(3)
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
             break

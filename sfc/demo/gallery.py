@@ -7,13 +7,15 @@ on (t, t-1), and the segmentation-based flow: the SFM (SFM stage) applied to the
 (scale 100) of the SFC Accel's predictions for t-1 and t. Both flows are drawn on one colour
 scale (white = no motion). Every model is the run's ``best.pt``.
 
-Writes ``<out>/gallery/frame_*.png`` (one per frame, with titles), ``gallery.png`` (all rows)
-and ``index.html``.
+Writes ``<out>/gallery/frame_*.png`` (one per frame, with titles), ``gallery.png`` (all rows),
+``predict.gif`` (a val snippet as `python -m sfc.predict` segments it: frame | source-only
+Accel | SFC Accel, streaming) and ``index.html``.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,31 @@ def frame_panels(item: dict, so: Accel, sfc: Accel, flownet_global: FlowNetS, sf
     return [_enlarge(p, PANEL_W) for p in panels], mag
 
 
-def _index_html(names: list[str], protocol) -> str:
+GIF_PANEL_W = 192
+
+
+def make_animation(predicted: dict, dest: Path) -> int:
+    """`predict.gif` from the outputs of `python -m sfc.predict` (sfc.demo.evals): per frame
+    the input, the source-only and the SFC Accel's colour prediction. Returns the frame count."""
+    from PIL import Image
+
+    outs = predicted["outputs"]
+    names = json.loads((outs["sfc"] / "predict.json").read_text())["names"]
+    files = {p.stem: p for p in Path(predicted["frames"]).iterdir()}
+    frames = []
+    for name in names:
+        panels = [np.asarray(Image.open(files[name]).convert("RGB"))]
+        panels += [np.asarray(Image.open(outs[k] / "color" / f"{name}.png").convert("RGB"))
+                   for k in ("source_only", "sfc")]
+        panels = [_enlarge(vis.resize_nearest(p, panels[0].shape[1::-1]), GIF_PANEL_W)
+                  for p in panels]
+        row = vis.side_by_side(panels, ["target frame", "source-only Accel", "SFC Accel"])
+        frames.append(Image.fromarray(row).convert("P", palette=Image.ADAPTIVE))
+    frames[0].save(dest, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    return len(frames)
+
+
+def _index_html(names: list[str], protocol, animation: str | None = None) -> str:
     legend = "".join(
         f'<span style="display:inline-block;margin:2px 8px 2px 0"><span style="display:'
         f'inline-block;width:12px;height:12px;background:rgb{tuple(int(c) for c in col)};'
@@ -119,10 +145,14 @@ def _index_html(names: list[str], protocol) -> str:
             "both flows share one colour scale per frame (hue = direction, saturation = "
             "magnitude up to the 'max' in the title, in pixels of the 1/4 grid; white = no "
             "motion). Black in the label = ignored pixels.</p>"
-            f"<p>{legend}</p><h2>All frames</h2><img src='gallery.png'>\n{rows}")
+            f"<p>{legend}</p>"
+            + ("<h2>A val snippet, segmented streaming by python -m sfc.predict</h2>"
+               f"<img src='{animation}'>\n" if animation else "")
+            + f"<h2>All frames</h2><img src='gallery.png'>\n{rows}")
 
 
-def make_gallery(out: Path, source: str, target_size, n_frames: int, threads: int = 2) -> dict:
+def make_gallery(out: Path, source: str, target_size, n_frames: int, threads: int = 2,
+                 predicted: dict | None = None) -> dict:
     """Draw the gallery into ``<out>/gallery``; returns the written paths, relative to ``out``."""
     torch.set_num_threads(threads)
     protocol = get_protocol(NUM_CLASSES[source])
@@ -146,6 +176,13 @@ def make_gallery(out: Path, source: str, target_size, n_frames: int, threads: in
         rows.append(vis.side_by_side(panels, titles))
         files.append((item["name"], fname))
     vis.save_png(vis.stack_rows(rows), gallery / "gallery.png")
-    (gallery / "index.html").write_text(_index_html(files, protocol))
-    return {"index": "gallery/index.html", "combined": "gallery/gallery.png",
-            "frames": [f"gallery/{f}" for _, f in files]}
+    animation = None
+    if predicted is not None:
+        make_animation(predicted, gallery / "predict.gif")
+        animation = "predict.gif"
+    (gallery / "index.html").write_text(_index_html(files, protocol, animation))
+    result = {"index": "gallery/index.html", "combined": "gallery/gallery.png",
+              "frames": [f"gallery/{f}" for _, f in files]}
+    if animation:
+        result["animation"] = f"gallery/{animation}"
+    return result

@@ -5,10 +5,15 @@
 2. runs the seven stage scripts of `exp/` in the release's order, through bash, exactly as a user
    would, on a reduced configuration (`CONFIGS` below: small images, a small backbone, few
    iterations, no pretrained weights);
-3. scores the source-only Accel and the final SFC Accel with `python -m sfc.evaluate`;
-4. prints a table (every stage's target-val mIoU or the SFM's EPE, the final model's per-class
-   IoU) and writes it as JSON to `<out>/summary.json`;
-5. draws a gallery of target-val frames (`sfc.demo.gallery`).
+   then the BN control runs of the three SFC stages (`BN_CONTROL=1`: the same target forwards,
+   no SFC loss), which separate the SFC loss from BatchNorm adaptation;
+3. scores the source-only, BN-control and SFC Accels (and SegNets) with `python -m
+   sfc.evaluate`: mIoU, accuracy against keyframe distance (K = 1, 2, 5) and temporal
+   consistency (`sfc.demo.evals`); predicts one val snippet with `python -m sfc.predict`;
+4. prints a table (every stage's target-val mIoU or the SFM's EPE, the ablation, the final
+   model's per-class IoU) and writes it as JSON to `<out>/summary.json`;
+5. draws a gallery of target-val frames and an animation of the predicted snippet
+   (`sfc.demo.gallery`).
 
 Interrupting (Ctrl-C) and re-running resumes: a finished stage (its `result.json` exists) is
 skipped, an interrupted one resumes from its `last.pt` (the engine does that).
@@ -25,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from sfc.demo.evals import evaluate_all, predict_snippet
 from sfc.demo.report import build_summary, format_summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,23 +41,27 @@ class DemoError(RuntimeError):
     """A failure the user can act on; printed without a traceback."""
 
 
-# (run dir under <out>/runs/<source>, script under exp/, kind, what it is)
+# (run dir under <out>/runs/<source>, script under exp/, kind, what it is, extra environment)
 STAGES = [
     ("FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/script/update.sh",
-     "segnet", "SegNet source-only (update branch)"),
+     "segnet", "SegNet source-only (update branch)", {}),
     ("FlowNet_pretrain/stage_one/reference", "FlowNet_pretrain/stage_one/script/reference.sh",
-     "segnet", "SegNet source-only (reference branch)"),
+     "segnet", "SegNet source-only (reference branch)", {}),
     ("FlowNet_pretrain/stage_two/train", "FlowNet_pretrain/stage_two/script/train.sh",
-     "accel", "Accel source-only"),
-    ("SFM/train", "SFM/script/train.sh", "sfm", "SFM (segmentation-to-flow) on the source"),
+     "accel", "Accel source-only", {}),
+    ("SFM/train", "SFM/script/train.sh", "sfm", "SFM (segmentation-to-flow) on the source", {}),
     ("SFC/stage_one/update", "SFC/stage_one/script/update.sh",
-     "segnet", "SegNet + SFC (update branch)"),
+     "segnet", "SegNet + SFC (update branch)", {}),
     ("SFC/stage_one/reference", "SFC/stage_one/script/reference.sh",
-     "segnet", "SegNet + SFC (reference branch)"),
-    ("SFC/stage_two/train", "SFC/stage_two/script/train.sh", "accel", "Accel + SFC"),
+     "segnet", "SegNet + SFC (reference branch)", {}),
+    ("SFC/stage_two/train", "SFC/stage_two/script/train.sh", "accel", "Accel + SFC", {}),
+    ("SFC_bn_control/stage_one/update", "SFC/stage_one/script/update.sh",
+     "segnet", "SegNet + BN control (update branch)", {"BN_CONTROL": "1"}),
+    ("SFC_bn_control/stage_one/reference", "SFC/stage_one/script/reference.sh",
+     "segnet", "SegNet + BN control (reference branch)", {"BN_CONTROL": "1"}),
+    ("SFC_bn_control/stage_two/train", "SFC/stage_two/script/train.sh",
+     "accel", "Accel + BN control", {"BN_CONTROL": "1"}),
 ]
-SOURCE_ONLY_ACCEL = "FlowNet_pretrain/stage_two/train"
-FINAL_ACCEL = "SFC/stage_two/train"
 
 # The reduced configurations. Paper values (SPEC §5) for comparison: 1280×720 VIPER /
 # 1280×640 SYNTHIA-Seq / 1024×512 Cityscapes, ResNet-101 (layers 3 4 23 3, width 64) from the
@@ -111,7 +121,8 @@ def stage_args(kind: str, cfg: dict, source: str) -> list[str]:
 def generate_data(data: Path, cfg: dict, source: str) -> None:
     """Write the synthetic domains once; a marker file records a complete, matching tree."""
     marker = data / ".sfc-demo-data.json"
-    want = {"generator": cfg["generator"], "datasets": [source, "cityscapes"]}
+    # layout 2: val snippets of 30 frames (keyframe distances, temporal consistency)
+    want = {"generator": cfg["generator"], "datasets": [source, "cityscapes"], "layout": 2}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         print(f"[data] synthetic domains already in {data} — skipped", flush=True)
         return
@@ -147,7 +158,7 @@ def run_stages(out: Path, cfg: dict, source: str, timings: dict) -> None:
     env = dict(os.environ, SFC_DATA=str(out / "data"), SFC_OUT=str(out / "runs"),
                SFC_WEIGHTS=str(out / "weights"), SOURCE=source)
     (out / "weights").mkdir(parents=True, exist_ok=True)  # empty: no pretrained weights
-    for i, (run, script, kind, title) in enumerate(STAGES, 1):
+    for i, (run, script, kind, title, extra_env) in enumerate(STAGES, 1):
         header = f"[{i}/{len(STAGES)}] {run.rsplit('/', 1)[0] if run.endswith('/train') else run}"
         print(f"\n{header} — {title}", flush=True)
         run_dir = out / "runs" / source / run
@@ -155,36 +166,14 @@ def run_stages(out: Path, cfg: dict, source: str, timings: dict) -> None:
             print(f"    finished earlier ({run_dir / 'result.json'}) — skipped", flush=True)
             continue
         cmd = ["bash", str(Path("exp") / script), *stage_args(kind, cfg, source)]
-        print("    $ " + " ".join(cmd), flush=True)
+        print("    $ " + "".join(f"{k}={v} " for k, v in extra_env.items()) + " ".join(cmd),
+              flush=True)
         t0 = time.time()
-        run_child(cmd, env, f"stage {run}")
+        run_child(cmd, {**env, **extra_env}, f"stage {run}")
         if not (run_dir / "result.json").is_file():
             raise DemoError(f"stage {run} exited 0 but wrote no {run_dir / 'result.json'}")
         timings[run] = round(time.time() - t0, 1)
         _save_json(out / "timings.json", timings)
-
-
-def evaluate(out: Path, cfg: dict, source: str, timings: dict) -> dict:
-    """`python -m sfc.evaluate` on the source-only and the SFC Accel (best and last iterate)."""
-    results = {}
-    for run in (SOURCE_ONLY_ACCEL, FINAL_ACCEL):
-        for which in ("best", "last"):
-            ckpt = out / "runs" / source / run / f"{which}.pt"
-            dest = out / "eval" / f"{run.replace('/', '__')}__{which}.json"
-            if not dest.is_file():
-                print(f"\n[eval] {run} ({which}.pt) on the target val set", flush=True)
-                cmd = [sys.executable, "-m", "sfc.evaluate", "--checkpoint", str(ckpt),
-                       "--data", str(out / "data"), "--source", source, "--json", str(dest),
-                       "--size", *map(str, cfg["target_size"]), "--workers", "0"]
-                if cfg["val_limit"] is not None:
-                    cmd += ["--limit", str(cfg["val_limit"])]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                t0 = time.time()
-                run_child(cmd, dict(os.environ), f"evaluation of {ckpt}")
-                timings[f"eval {run} {which}"] = round(time.time() - t0, 1)
-                _save_json(out / "timings.json", timings)
-            results[f"{run}:{which}"] = json.loads(dest.read_text())
-    return results
 
 
 def _save_json(path: Path, obj) -> None:
@@ -245,13 +234,16 @@ def main(argv=None) -> int:
         print(f"SFC demo ({mode}, source {args.source}) → {out}", flush=True)
         generate_data(out / "data", cfg, args.source)
         run_stages(out, cfg, args.source, timings)
-        evals = evaluate(out, cfg, args.source, timings)
+        evals = evaluate_all(out, cfg, args.source, timings, run_child)
+        predicted = predict_snippet(out, cfg, args.source, timings, run_child)
+        _save_json(out / "timings.json", timings)
         summary = build_summary(out, args.source, mode, cfg, STAGES, evals, timings)
         from sfc.demo.gallery import make_gallery
 
         print("\n[gallery] drawing target-val frames ...", flush=True)
         summary["gallery"] = make_gallery(out, args.source, cfg["target_size"],
-                                          cfg["gallery_frames"], threads=args.threads)
+                                          cfg["gallery_frames"], threads=args.threads,
+                                          predicted=predicted)
         summary["wall_s_this_invocation"] = round(time.time() - t_start, 1)
         _save_json(out / "summary.json", summary)
         print("\n" + format_summary(summary), flush=True)

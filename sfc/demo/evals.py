@@ -1,0 +1,85 @@
+"""The demo's measurements, each through the command a user would run: `python -m
+sfc.evaluate` on the three Accels (source-only, BN control, SFC; best and last iterate) with
+the keyframe distances 1, 2, 5 and temporal consistency, on the three update-branch SegNets
+(TC beside their mIoU), and `python -m sfc.predict` of the source-only and the SFC Accel on one
+synthetic target-val snippet (for the gallery's animation). Every model's TC is judged with the
+same flow: the FlowNet_pretrain stage-two FlowNet (`flownet_global`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SO_ACCEL, CTL_ACCEL, SFC_ACCEL = ("FlowNet_pretrain/stage_two/train",
+                                  "SFC_bn_control/stage_two/train", "SFC/stage_two/train")
+ACCELS = {"source_only": SO_ACCEL, "bn_control": CTL_ACCEL, "sfc": SFC_ACCEL}
+SEGNETS = {"source_only": "FlowNet_pretrain/stage_one/update",
+           "bn_control": "SFC_bn_control/stage_one/update", "sfc": "SFC/stage_one/update"}
+KEYFRAMES = (1, 2, 5)
+TC_FLOWNET = SO_ACCEL  # its FlowNet judges every model's TC
+PREDICT_FRAMES = 30  # one synthetic val snippet (the real ones hold 30 frames)
+
+
+def eval_name(run: str, which: str) -> str:
+    return f"{run.replace('/', '__')}__{which}.json"
+
+
+def _evaluate(out: Path, cfg: dict, source: str, ckpt: Path, dest: Path, extra: list[str],
+              run_child, timings: dict, what: str) -> dict:
+    if not dest.is_file():
+        print(f"\n[eval] {what} on the target val set", flush=True)
+        cmd = [sys.executable, "-m", "sfc.evaluate", "--checkpoint", str(ckpt),
+               "--data", str(out / "data"), "--source", source, "--json", str(dest),
+               "--size", *map(str, cfg["target_size"]), "--workers", "0", *extra]
+        if cfg["val_limit"] is not None:
+            cmd += ["--limit", str(cfg["val_limit"])]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        run_child(cmd, dict(os.environ), f"evaluation of {ckpt}")
+        timings[f"eval {what}"] = round(time.time() - t0, 1)
+    return json.loads(dest.read_text())
+
+
+def evaluate_all(out: Path, cfg: dict, source: str, timings: dict, run_child) -> dict:
+    """`{"RUN:best"|"RUN:last": evaluation record}` for the Accels and `"RUN:best"` for the
+    SegNets."""
+    runs = out / "runs" / source
+    tc = ["--temporal-consistency", "--tc-flownet", str(runs / TC_FLOWNET / "best.pt")]
+    results = {}
+    for run in ACCELS.values():
+        for which in ("best", "last"):
+            results[f"{run}:{which}"] = _evaluate(
+                out, cfg, source, runs / run / f"{which}.pt", out / "eval" / eval_name(run, which),
+                ["--keyframe-interval", *map(str, KEYFRAMES), *tc], run_child, timings,
+                f"{run} ({which}.pt)")
+    for run in SEGNETS.values():
+        results[f"{run}:best"] = _evaluate(
+            out, cfg, source, runs / run / "best.pt", out / "eval" / eval_name(run, "best"),
+            ["--mode", "segnet", *tc], run_child, timings, f"{run} (best.pt)")
+    return results
+
+
+def predict_snippet(out: Path, cfg: dict, source: str, timings: dict, run_child) -> dict:
+    """`python -m sfc.predict` of the source-only and the SFC Accel (best.pt) on the first
+    synthetic val snippet; returns {name: output folder} and the frames folder."""
+    val = out / "data" / "Cityscapes" / "leftImg8bit_sequence" / "val"
+    frames = sorted(p for p in val.iterdir() if p.is_dir())[0]
+    dirs = {}
+    for name in ("source_only", "sfc"):
+        dest = out / "predict" / name
+        if not (dest / "predict.json").is_file():
+            print(f"\n[predict] {ACCELS[name]} (best.pt) on {frames.name}, "
+                  f"{PREDICT_FRAMES} frames", flush=True)
+            cmd = [sys.executable, "-m", "sfc.predict", "--checkpoint",
+                   str(out / "runs" / source / ACCELS[name] / "best.pt"), "--frames", str(frames),
+                   "--out", str(dest), "--size", *map(str, cfg["target_size"]),
+                   "--limit", str(PREDICT_FRAMES), "--device", "cpu", "--no-progress",
+                   "--source", source]
+            t0 = time.time()
+            run_child(cmd, dict(os.environ), f"prediction with {ACCELS[name]}")
+            timings[f"predict {name}"] = round(time.time() - t0, 1)
+        dirs[name] = dest
+    return {"frames": frames, "outputs": dirs}
