@@ -294,3 +294,38 @@ def test_smoke_demo_synthia_interrupt_and_resume(tmp_path):
     assert list(s["final_model"]["per_class_not_in_mean"]) == ["fence"]
     for run in RUNS:
         assert (tmp_path / "runs" / "synthia_seq" / run / "best.pt").is_file()
+
+
+def test_seeds_aggregate_mean_and_std():
+    from sfc.demo.report import aggregate_seeds, format_seeds
+
+    def summary(sfc_best, tc):
+        rows = [{"model": "Accel", "variant": v, "miou_best": b, "miou_last": b, "tc_best": tc,
+                 "tc_last": None, "miou_by_keyframe": {"best": {"1": b, "5": b / 2}}}
+                for v, b in (("source_only", 0.2), ("sfc", sfc_best))]
+        return {"ablation": {"rows": rows}}
+
+    agg = aggregate_seeds([summary(0.30, 0.8), summary(0.34, 0.9), summary(0.26, 1.0)])
+    sfc = agg["rows"][1]
+    assert agg["n"] == 3 and sfc["variant"] == "sfc"
+    assert sfc["miou_best"]["mean"] == pytest.approx(0.30)
+    assert sfc["miou_best"]["std"] == pytest.approx(0.04)  # sample std of 0.30, 0.34, 0.26
+    assert sfc["tc_best"]["mean"] == pytest.approx(0.9) and sfc["tc_last"] is None
+    assert sfc["miou_by_keyframe_best"]["5"]["mean"] == pytest.approx(0.15)
+    assert agg["rows"][0]["miou_best"]["std"] == pytest.approx(0.0, abs=1e-12)
+    table = "\n".join(format_seeds(agg))
+    assert "over 3 seeds" in table and "30.0 ± 4.0" in table
+
+
+def test_repeated_seeds_shift_every_seed_by_two(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo.runner, "run_child", lambda cmd, env, what: seen.append(cmd))
+    with pytest.raises(demo.DemoError, match="wrote no"):  # the fake child writes nothing
+        demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
+    assert seen[0][-2:] == ["--seed", "4"]  # update: 0 + 2·2
+    seen.clear()
+    (tmp_path / "runs/viper/FlowNet_pretrain/stage_one/update").mkdir(parents=True)
+    (tmp_path / "runs/viper/FlowNet_pretrain/stage_one/update/result.json").write_text("{}")
+    with pytest.raises(demo.DemoError):
+        demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
+    assert seen[0][1].endswith("reference.sh") and seen[0][-2:] == ["--seed", "5"]

@@ -9,6 +9,7 @@
 Nothing else in the package imports the demo.
 """
 
+from sfc.demo import runner
 from sfc.demo.runner import CONFIGS, HINT, STAGES, DemoError, check_config, main, stage_args
 
-__all__ = ["CONFIGS", "HINT", "STAGES", "DemoError", "check_config", "main", "stage_args"]
+__all__ = ["CONFIGS", "HINT", "STAGES", "DemoError", "check_config", "main", "runner", "stage_args"]

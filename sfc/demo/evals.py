@@ -28,11 +28,11 @@ def eval_name(run: str, which: str) -> str:
 
 
 def _evaluate(out: Path, cfg: dict, source: str, ckpt: Path, dest: Path, extra: list[str],
-              run_child, timings: dict, what: str) -> dict:
+              run_child, timings: dict, what: str, data: Path) -> dict:
     if not dest.is_file():
         print(f"\n[eval] {what} on the target val set", flush=True)
         cmd = [sys.executable, "-m", "sfc.evaluate", "--checkpoint", str(ckpt),
-               "--data", str(out / "data"), "--source", source, "--json", str(dest),
+               "--data", str(data), "--source", source, "--json", str(dest),
                "--size", *map(str, cfg["target_size"]), "--workers", "0", *extra]
         if cfg["val_limit"] is not None:
             cmd += ["--limit", str(cfg["val_limit"])]
@@ -43,10 +43,12 @@ def _evaluate(out: Path, cfg: dict, source: str, ckpt: Path, dest: Path, extra: 
     return json.loads(dest.read_text())
 
 
-def evaluate_all(out: Path, cfg: dict, source: str, timings: dict, run_child) -> dict:
+def evaluate_all(out: Path, cfg: dict, source: str, timings: dict, run_child,
+                 data: Path | None = None) -> dict:
     """`{"RUN:best"|"RUN:last": evaluation record}` for the Accels and `"RUN:best"` for the
     SegNets."""
     runs = out / "runs" / source
+    data = data or out / "data"
     tc = ["--temporal-consistency", "--tc-flownet", str(runs / TC_FLOWNET / "best.pt")]
     results = {}
     for run in ACCELS.values():
@@ -54,11 +56,11 @@ def evaluate_all(out: Path, cfg: dict, source: str, timings: dict, run_child) ->
             results[f"{run}:{which}"] = _evaluate(
                 out, cfg, source, runs / run / f"{which}.pt", out / "eval" / eval_name(run, which),
                 ["--keyframe-interval", *map(str, KEYFRAMES), *tc], run_child, timings,
-                f"{run} ({which}.pt)")
+                f"{run} ({which}.pt)", data)
     for run in SEGNETS.values():
         results[f"{run}:best"] = _evaluate(
             out, cfg, source, runs / run / "best.pt", out / "eval" / eval_name(run, "best"),
-            ["--mode", "segnet", *tc], run_child, timings, f"{run} (best.pt)")
+            ["--mode", "segnet", *tc], run_child, timings, f"{run} (best.pt)", data)
     return results
 
 

@@ -218,3 +218,42 @@ def format_ablation(ab: dict) -> list[str]:
             out.append(f"{names[r['variant']]:<24}"
                        + "".join(f"{_pct(by.get(str(k))):>8}" for k in ks))
     return out
+
+
+def _mean_std(values: list) -> dict | None:
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(v)}
+
+
+def aggregate_seeds(summaries: list[dict]) -> dict:
+    """Mean ± std (sample std) over repeated demos of every ablation number: mIoU best/last, TC,
+    and the Accels' best mIoU per keyframe interval."""
+    rows = []
+    for i, r in enumerate(summaries[0]["ablation"]["rows"]):
+        same = [s["ablation"]["rows"][i] for s in summaries]
+        row = {"model": r["model"], "variant": r["variant"]}
+        for key in ("miou_best", "miou_last", "tc_best", "tc_last"):
+            row[key] = _mean_std([x.get(key) for x in same])
+        if "miou_by_keyframe" in r:
+            row["miou_by_keyframe_best"] = {
+                k: _mean_std([x["miou_by_keyframe"]["best"].get(k) for x in same])
+                for k in r["miou_by_keyframe"]["best"]}
+        rows.append(row)
+    return {"n": len(summaries), "rows": rows}
+
+
+def format_seeds(agg: dict) -> list[str]:
+    def cell(ms):
+        return "—" if ms is None else f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+
+    names = {"source_only": "source-only", "bn_control": "BN control", "sfc": "SFC"}
+    head = f"{'model':<24}{'variant':<13}{'mIoU best':>14}{'mIoU last':>14}{'TC best':>14}"
+    out = [f"Ablation over {agg['n']} seeds (mean ± std, %)", head, "-" * len(head)]
+    for r in agg["rows"]:
+        out.append(f"{r['model']:<24}{names[r['variant']]:<13}{cell(r['miou_best']):>14}"
+                   f"{cell(r['miou_last']):>14}{cell(r['tc_best']):>14}")
+    return out

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from sfc.demo.evals import evaluate_all, predict_snippet
-from sfc.demo.report import build_summary, format_summary
+from sfc.demo.report import aggregate_seeds, build_summary, format_seeds, format_summary
 
 REPO = Path(__file__).resolve().parents[2]
 HINT = "Interrupted. Run the same command again to resume (finished stages are skipped)."
@@ -154,8 +154,11 @@ def run_child(cmd: list[str], env: dict, what: str) -> None:
                         "Fix the cause and run the demo again: it resumes where it stopped.")
 
 
-def run_stages(out: Path, cfg: dict, source: str, timings: dict) -> None:
-    env = dict(os.environ, SFC_DATA=str(out / "data"), SFC_OUT=str(out / "runs"),
+def run_stages(out: Path, cfg: dict, source: str, timings: dict, data: Path | None = None,
+               repeat: int = 0) -> None:
+    """The ten runs through their scripts. `repeat` r > 0 (`--seeds`): every seed shifted by 2r
+    (update/reference keep distinct seeds), on the same `data`."""
+    env = dict(os.environ, SFC_DATA=str(data or out / "data"), SFC_OUT=str(out / "runs"),
                SFC_WEIGHTS=str(out / "weights"), SOURCE=source)
     (out / "weights").mkdir(parents=True, exist_ok=True)  # empty: no pretrained weights
     for i, (run, script, kind, title, extra_env) in enumerate(STAGES, 1):
@@ -166,6 +169,8 @@ def run_stages(out: Path, cfg: dict, source: str, timings: dict) -> None:
             print(f"    finished earlier ({run_dir / 'result.json'}) — skipped", flush=True)
             continue
         cmd = ["bash", str(Path("exp") / script), *stage_args(kind, cfg, source)]
+        if repeat:
+            cmd += ["--seed", str((1 if script.endswith("reference.sh") else 0) + 2 * repeat)]
         print("    $ " + "".join(f"{k}={v} " for k, v in extra_env.items()) + " ".join(cmd),
               flush=True)
         t0 = time.time()
@@ -197,6 +202,21 @@ def check_config(out: Path, mode: str, cfg: dict, source: str) -> None:
         _save_json(path, want)
 
 
+def repeat_seeds(out: Path, cfg: dict, source: str, mode: str, first: dict, n: int) -> dict:
+    """Repeats 1..n-1 of the runs and evaluations in <out>/seed<r>/ (same data); the mean ±
+    std over the n summaries."""
+    summaries = [first]
+    for r in range(1, n):
+        sub = out / f"seed{r}"
+        timings = {}
+        print(f"\n[seeds] repeat {r + 1}/{n} in {sub}", flush=True)
+        run_stages(sub, cfg, source, timings, data=out / "data", repeat=r)
+        evals = evaluate_all(sub, cfg, source, timings, run_child, data=out / "data")
+        summaries.append(build_summary(sub, source, mode, cfg, STAGES, evals, timings))
+        _save_json(sub / "summary.json", summaries[-1])
+    return aggregate_seeds(summaries)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sfc.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", choices=("viper", "synthia_seq"),
@@ -207,12 +227,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default save_results/demo, or "
                         "save_results/demo_synthia_seq for --source synthia_seq)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat the ten runs with N seeds (seeds shifted by 2 per repeat, in "
+                        "<out>/seed<r>/) and report mean ± std of the ablation (opt-in)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads of the demo and its children (default 1: with the "
                         "demo's tiny convolutions, more threads were slower on a 2-core CPU)")
     args = p.parse_args(argv)
     if args.source not in ("viper", "synthia_seq"):
         p.error(f"SOURCE must be viper or synthia_seq, got {args.source!r}")
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: expected >= 1")
     mode = "smoke" if args.smoke else "demo"
     cfg = CONFIGS[mode]
     out = args.out or REPO / "save_results" / ("demo" if args.source == "viper"
@@ -244,9 +269,13 @@ def main(argv=None) -> int:
         summary["gallery"] = make_gallery(out, args.source, cfg["target_size"],
                                           cfg["gallery_frames"], threads=args.threads,
                                           predicted=predicted)
+        if args.seeds > 1:
+            summary["seeds"] = repeat_seeds(out, cfg, args.source, mode, summary, args.seeds)
         summary["wall_s_this_invocation"] = round(time.time() - t_start, 1)
         _save_json(out / "summary.json", summary)
         print("\n" + format_summary(summary), flush=True)
+        if "seeds" in summary:
+            print("\n" + "\n".join(format_seeds(summary["seeds"])), flush=True)
         print(f"\nsummary: {out / 'summary.json'}\ngallery: {out / summary['gallery']['index']}")
         print(f"demo finished in {time.time() - t_start:.0f} s", flush=True)
     except KeyboardInterrupt:
