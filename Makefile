@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m sfc.demo $(ARGS)
 
 test: $(DEV)
-	$(PY) -m pytest -q -n $(JOBS) $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(ARGS)
 
 lint: $(DEV)
 	$(PY) -m ruff check sfc tests
