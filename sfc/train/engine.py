@@ -47,9 +47,9 @@ from sfc.train.streams import (
     JOB_SIGNALS,
     SignalSafeLoader,
     TrainStream,
-    ignore_job_signals,
     plain_dataset_error,
     to_device,
+    worker_init,
 )
 
 
@@ -179,9 +179,11 @@ class Trainer:
             val = Subset(val, range(min(cfg.val_limit, len(val))))
         self.val_loader = SignalSafeLoader(DataLoader(
             val, batch_size=1, sampler=dist.ShardSampler(val), num_workers=cfg.num_workers,
-            pin_memory=pin, worker_init_fn=ignore_job_signals))
+            pin_memory=pin, worker_init_fn=worker_init()))
 
     def close(self) -> None:
+        for stream in getattr(self, "streams", {}).values():
+            stream.close()  # the loader workers now, not at interpreter exit
         if self.log is not None:
             self.log.close()
         if self.lock is not None:

@@ -13,7 +13,10 @@ would have seen.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import multiprocessing
+import os
 import signal
 
 import numpy as np
@@ -27,13 +30,53 @@ from sfc.data.io import DatasetError, normalise_batch
 JOB_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def ignore_job_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a worker ignores the job signals (the main process handles
-    them and then shuts its workers down), then takes the signals that were blocked while it
-    was started (`job_signals_blocked`)."""
-    for s in JOB_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+_SHUTDOWN = None  # multiprocessing.Event: set when this process shuts its loader workers down
+
+
+def _shutdown_event():
+    global _SHUTDOWN
+    if _SHUTDOWN is None:
+        _SHUTDOWN = multiprocessing.get_context().Event()
+        # at exit, multiprocessing terminates (SIGTERM) and joins the daemonic workers that are
+        # still alive: let them go (atexit runs this before multiprocessing's own handler)
+        atexit.register(_SHUTDOWN.set)
+    return _SHUTDOWN
+
+
+class _WorkerSignals:
+    """DataLoader `worker_init_fn`: a worker ignores SIGINT and SIGUSR1, and a SIGTERM that
+    comes while its main process runs (a job's signal to the whole group: the main process
+    saves last.pt and shuts the workers down itself); once the main process has begun to shut
+    its workers down, SIGTERM ends the worker as usual. Then it takes the signals that were
+    blocked while it was started (`job_signals_blocked`)."""
+
+    def __init__(self, shutdown):
+        self.shutdown = shutdown
+
+    def __call__(self, worker_id: int = 0) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._sigterm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+    def _sigterm(self, signum, frame) -> None:
+        if self.shutdown.is_set():
+            os._exit(0)
+
+
+def worker_init():
+    """A picklable worker_init_fn bound to this process's shutdown flag."""
+    return _WorkerSignals(_shutdown_event())
+
+
+def shutdown_loader_workers(iterators) -> None:
+    """Stop the workers of DataLoader iterators now (not at interpreter exit): the flag that
+    lets them end on SIGTERM is set, then each iterator shuts its workers down."""
+    _shutdown_event().set()
+    for it in iterators:
+        stop = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+        if stop is not None:
+            stop()
 
 
 @contextlib.contextmanager
@@ -50,7 +93,7 @@ def job_signals_blocked():
 
 class SignalSafeLoader:
     """A DataLoader whose workers are started with the job signals blocked (see above); its
-    workers must use `ignore_job_signals`. Iterates and has the length of the loader."""
+    workers must use `worker_init()`. Iterates and has the length of the loader."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -97,14 +140,14 @@ class TrainStream:
 
     def __init__(self, dataset, batch_size: int = 1, seed: int = 0, stream: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, worker_init_fn=ignore_job_signals):
+                 pin_memory: bool = False, worker_init_fn=None):
         if len(dataset) == 0:
             raise ValueError(f"training dataset {type(dataset).__name__} is empty")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
         self.stream = int(stream)
-        self.worker_init_fn = worker_init_fn
+        self.worker_init_fn = worker_init_fn or worker_init()
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
@@ -148,6 +191,12 @@ class TrainStream:
             batch = next(self._it)
         self.consumed += 1
         return batch
+
+    def close(self) -> None:
+        """Shut the loader workers down (the engine calls it when the run ends)."""
+        if self._it is not None:
+            shutdown_loader_workers([self._it])
+            self._it = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
