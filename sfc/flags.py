@@ -84,6 +84,9 @@ def check_device(device: str | None) -> None:
 def check_writable_dir(path, flag: str) -> Path:
     """Create the folder ``path`` if needed and prove it writable with a probe file."""
     p = Path(path)
+    blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise FlagError(f"{flag} {p}: cannot write there ({blocker} is a file, not a folder)")
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".sfc-write-probe-"):
@@ -102,6 +105,6 @@ def check_writable_file(path, flag: str) -> Path:
     try:
         check_writable_dir(p.parent if str(p.parent) else Path(os.curdir), flag)
     except FlagError as e:
-        raise FlagError(f"{flag} {p}: cannot write its folder {p.parent} "
-                        f"({str(e).rsplit('(', 1)[-1]}") from None
+        raise FlagError(f"{flag} {p}: cannot write its folder "
+                        f"({str(e).split('(', 1)[-1]}") from None
     return p
