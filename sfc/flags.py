@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from sfc.checkpoints import CheckpointFormatError
+from sfc.data.io import DatasetError
 
 MIN_SIZE = 8  # pixels: a smaller side leaves the 1/8 feature maps below one pixel
 
 
 class FlagError(ValueError):
     """A flag value that cannot work."""
+
+
+# Bad input that every command reports as one line naming the file or flag (exit 2), never a
+# traceback: a flag out of range, a checkpoint of the wrong kind, a dataset file, a missing file.
+BAD_INPUT = (FlagError, CheckpointFormatError, DatasetError, FileNotFoundError)
+
+
+def report(prog: str, error: Exception) -> int:
+    """Print `prog: error: ...` on stderr; returns the exit status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def _flag(name: str) -> str:

@@ -18,8 +18,6 @@ import torch
 from torch.utils.data import Subset
 
 from sfc import dist, flags
-from sfc.checkpoints import CheckpointFormatError
-from sfc.data.io import DatasetError
 from sfc.evaluate.checkpoint import (
     SOURCE_CLASSES,
     build_model,
@@ -252,7 +250,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (flags.FlagError, CheckpointFormatError, DatasetError, FileNotFoundError) as e:
+    except flags.BAD_INPUT as e:
         # Bad input: one readable line naming the file and what was expected, no traceback.
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from sfc import flags, vis
-from sfc.checkpoints import CheckpointFormatError
 from sfc.data.classes import get_protocol, labelids_of_train_ids
 from sfc.data.io import DatasetError, flow_normalise, seg_normalise
 from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
@@ -200,7 +198,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (flags.FlagError, CheckpointFormatError, DatasetError, FileNotFoundError) as e:
-        print(f"sfc.predict: error: {e}", file=sys.stderr)
-        return 2
+    except flags.BAD_INPUT as e:
+        return flags.report("sfc.predict", e)
     return 0

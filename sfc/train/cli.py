@@ -8,7 +8,6 @@ flag below defaults to the release's value. Later flags override earlier ones, s
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,8 +210,6 @@ def build_data(cfg) -> Data:
 
 
 def main(argv=None) -> int:
-    from sfc.checkpoints import CheckpointFormatError
-    from sfc.data import DatasetError
     from sfc.train.runio import RunDirError
 
     args = build_parser().parse_args(argv)
@@ -222,9 +219,8 @@ def main(argv=None) -> int:
         from sfc.train.engine import train
 
         return train(args, build_data(args))
-    except (flags.FlagError, DatasetError, CheckpointFormatError, FileNotFoundError,
-            RunDirError) as e:
+    except (*flags.BAD_INPUT, RunDirError) as e:
         # Bad input (a flag out of range; a missing dataset, earlier run or weight file; a
-        # wrong checkpoint): one clear line, not a traceback from deep inside.
-        print(f"sfc.train: error: {e}", file=sys.stderr)
-        return 2
+        # wrong checkpoint; a run directory in use or of another trajectory): one clear line,
+        # not a traceback from deep inside.
+        return flags.report("sfc.train", e)
