@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scale", type=float, default=100.0, help="softmax scale of the soft masks")
     a("--bn-control", action="store_true",
       help="SFC stages: the control run — every target forward happens as with the SFC loss "
-           "(same networks, modes, BatchNorm updates, data order), but no SFC loss is computed "
-           "or back-propagated (the flow networks are not loaded); separates the SFC loss from "
-           "BatchNorm adaptation to the target")
+           "(same networks, modes, BatchNorm updates, data order; the SegNet's through its "
+           "backbone, which holds every BN), but no SFC loss is computed or back-propagated "
+           "(the flow networks are not loaded); separates the SFC loss from BatchNorm "
+           "adaptation to the target")
     a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
       help="SFC stage one: skip the release's unused forward of source frame t-1 (quirk 7; "
            "it only moves BN statistics)")

@@ -8,13 +8,14 @@ loaders of `sfc.checkpoints`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sfc import checkpoints
-from sfc.train.runio import CHECKPOINT_FORMAT
+from sfc.train.runio import CHECKPOINT_FORMAT, load_checkpoint
 
 # The run that produces each input (for error messages): stage-script paths under exp/.
 PRODUCERS = {
@@ -53,14 +54,12 @@ def resolve(path: str | Path, select: str, what: str, allow_unfinished: bool = F
 
 def _iteration_of(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter"]
-    except Exception:
+        return load_checkpoint(path, mmap=True)["iter"]
+    except (OSError, ValueError, KeyError):  # missing or unreadable last.pt
         return "unknown"
 
 
 def _planned_iters(run: Path):
-    import json
-
     try:
         return json.loads((run / "config.json").read_text())["config"]["iters"]
     except (OSError, ValueError, KeyError, TypeError):

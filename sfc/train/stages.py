@@ -216,11 +216,11 @@ class SegNetStage(Stage):
             l_seg.backward()
         out["seg"] = float(l_seg.detach())
         if self.bn_control:
-            # the SFC loss's two target forwards (t-1, then t), train mode: the same BatchNorm
-            # updates; no loss, no backward
+            # the SFC loss's two target forwards (t-1, then t), train mode, through the backbone
+            # only (it holds every BN, as in quirk 7): the same BatchNorm updates; no loss
             with torch.no_grad(), self.autocast():
-                net(tgt["seg"][:, :, -2])
-                net(tgt["seg"][:, :, -1])
+                self.nets["segnet"].features(tgt["seg"][:, :, -2])
+                self.nets["segnet"].features(tgt["seg"][:, :, -1])
         elif self.sfc:
             t_seg, t_flow = tgt["seg"], tgt["flow"]
             with self.autocast():
