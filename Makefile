@@ -1,12 +1,14 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both create .venv on first use (torch/torchvision are pinned in requirements.txt); `make test`
-# also installs the test tools of requirements-dev.txt into the same .venv.
+# Both create .venv on first use (torch/torchvision are pinned in requirements.txt) and add the
+# optional flow extra (requirements-flow.txt); `make test` also installs the test tools of
+# requirements-dev.txt into the same .venv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.sfc-installed
 DEV    := $(VENV)/.sfc-dev-installed
+FLOW   := $(VENV)/.sfc-flow-installed
 # pytest workers: 2 on the project's 2-core machines (override: make test JOBS=1)
 JOBS   ?= 2
 
@@ -20,11 +22,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-$(DEV): $(STAMP) requirements-dev.txt
+$(DEV): $(STAMP) requirements-dev.txt requirements-flow.txt
 	$(PIP) -r requirements-dev.txt
-	@touch $(DEV)
+	@touch $(DEV) $(FLOW)
 
-demo: $(STAMP)
+# the optional "flow" extra (scikit-image: a real image pair with ground truth for the demo)
+$(FLOW): $(STAMP) requirements-flow.txt
+	$(PIP) -r requirements-flow.txt
+	@touch $(FLOW)
+
+demo: $(STAMP) $(FLOW)
 	$(PY) -m sfc.demo $(ARGS)
 
 test: $(DEV)

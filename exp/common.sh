@@ -1,4 +1,4 @@
-# Shared logic of the seven stage scripts (sourced, not run). Each script sets ARGS (the
+# Shared logic of the stage scripts (the seven runs, and the optional Flying Chairs one) (sourced, not run). Each script sets ARGS (the
 # paper's hyper-parameters for `python -m sfc.train`), names the earlier runs it needs, then
 # calls `run_train OUT_DIR "$@"`.
 #
@@ -82,13 +82,19 @@ README), or pass --imagenet-init none for a random init"
   ARGS+=(--imagenet-init "$SFC_WEIGHTS/DeepLab_resnet_pretrained_init-f81d91e8.pth")
 }
 
-# chairs_init ARGS... : the Flying Chairs FlowNetS, unless "$@" passes --chairs-init
+# chairs_init ARGS... : the Flying Chairs FlowNetS, unless "$@" passes --chairs-init: the
+# release's file in $SFC_WEIGHTS, else a finished run of exp/FlowNet_chairs/script/train.sh
 chairs_init() {
   has_flag --chairs-init "$@" && return 0
   local f="$SFC_WEIGHTS/flownet_flyingchairs_pretrained.pth"
+  local run
+  run="$(run_dir FlowNet_chairs/train)"
+  if [[ ! -f "$f" && -f "$run/result.json" ]]; then
+    ARGS+=(--chairs-init "$run"); return 0
+  fi
   [[ -f "$f" ]] || fail_or_note "missing $f: take flownet_flyingchairs_pretrained.pth from the \
-authors' GitHub repository (EdenHazardan/SFC, model_weights/; see README), or pass \
---chairs-init none for a random init"
+authors' GitHub repository (EdenHazardan/SFC, model_weights/; see README), or train one with \
+exp/FlowNet_chairs/script/train.sh, or pass --chairs-init none for a random init"
   ARGS+=(--chairs-init "$f")
 }
 

@@ -194,3 +194,28 @@ def accel_sfc_loss(seg_clip: torch.Tensor, flow_clip: torch.Tensor,
     img_cur, img_prev = flow_clip[:, :, -1], flow_clip_prev[:, :, -1]
     of = global_flow(flownet_global, img_prev, img_cur)
     return epe(_sf_from_logits(logits_prev, logits_cur, img_prev, img_cur, sfm, scale), of)
+
+
+# Flying-Chairs pre-training of a FlowNetS (docs/flow.md): the multi-scale EPE of the common
+# PyTorch FlowNet code (ClementPinard/FlowNetPytorch) — flow2..flow6 against the target divided
+# by 20 and area-downsampled to each output's size, each scale's EPE summed over its pixels and
+# averaged over the batch, weighted 0.005, 0.01, 0.02, 0.08, 0.32.
+MULTISCALE_WEIGHTS = (0.005, 0.01, 0.02, 0.08, 0.32)
+
+
+def multiscale_epe(pyramid, target: torch.Tensor, div_flow: float = 20.0,
+                   weights=MULTISCALE_WEIGHTS) -> torch.Tensor:
+    """`pyramid` = `FlowNetS.pyramid(x)` (flow2 … flow6, in full-res pixels / `div_flow`);
+    `target` `B×2×H×W` dense flow in pixels of the input. Returns the weighted sum of
+    per-scale `Σ_pixels ‖pred − area(target / div_flow)‖₂ / B`."""
+    if len(pyramid) != len(weights):
+        raise ValueError(f"multiscale_epe: {len(pyramid)} outputs for {len(weights)} weights")
+    if not torch.isfinite(target).all():
+        raise ValueError("multiscale_epe needs a dense target (no NaN / Inf), as Flying Chairs")
+    t = _wide(target) / div_flow
+    total = t.new_zeros(())
+    for w, out in zip(weights, pyramid):
+        scaled = F.interpolate(t, size=tuple(out.shape[-2:]), mode="area")
+        dist = torch.linalg.vector_norm(scaled - _wide(out), ord=2, dim=1)  # (B, h, w)
+        total = total + w * dist.sum() / out.shape[0]
+    return total

@@ -200,9 +200,12 @@ def test_determinism(tmp_path):
         generate(tmp_path / name, seed=seed, tiny=True)
         files[name] = {p.relative_to(tmp_path / name): p.read_bytes()
                        for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
-    # VIPER (3 sequences × 21 frames × image + label), Cityscapes (3 train snippets of 3 frames,
-    # 2 val snippets of 30 frames as the real ones, 5 labels), SYNTHIA (12 × image + label)
-    assert len(files["a"]) == 3 * 21 * 2 + (3 * 3 + 2 * 30 + 5) + 12 * 2
+    # VIPER (3 sequences × 21 frames × image + label, and the flow of every frame but each
+    # sequence's last), Cityscapes (3 train snippets of 3 frames, 2 val snippets of 30 frames as
+    # the real ones, 5 labels, the flow of every frame but each snippet's last), SYNTHIA
+    # (12 × image + label)
+    assert len(files["a"]) == (3 * 21 * 2 + 3 * 20) + (3 * 3 + 2 * 30 + 5 + 3 * 2 + 2 * 29) \
+        + 12 * 2
     val = sorted(p.name for p in files["a"] if "leftImg8bit_sequence/val" in str(p))
     assert len(val) == 60 and val[0].endswith("_000000_leftImg8bit.png")
     assert sum(n.endswith("_000029_leftImg8bit.png") for n in val) == 2

@@ -35,7 +35,8 @@ def test_missing_root(tmp_path):
 
 def test_wrong_layout(tree):
     shutil.rmtree(tree / "VIPER/train/cls")
-    with pytest.raises(DatasetError, match=r"expected folder .*train/cls.*contains \['img'\]"):
+    with pytest.raises(DatasetError,
+                       match=r"expected folder .*train/cls.*contains \['flow', 'img'\]"):
         ViperSeq(tree / "VIPER")
     with pytest.raises(DatasetError,
                        match=r"expected folder .*sequence/test.*contains \[.train., .val.\]"):

@@ -25,7 +25,8 @@ RUNS = [run for run, *_ in demo.STAGES]
 # --- fast: configuration, summary arithmetic, table --------------------------------------
 
 def test_stage_order_and_scripts_exist():
-    assert RUNS == ["FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
+    assert RUNS == ["FlowNet_chairs/train",
+                    "FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
                     "FlowNet_pretrain/stage_two/train", "SFM/train", "SFC/stage_one/update",
                     "SFC/stage_one/reference", "SFC/stage_two/train",
                     "SFC_bn_control/stage_one/update", "SFC_bn_control/stage_one/reference",
@@ -44,7 +45,10 @@ def test_stage_args_no_pretrained_weights_and_reduced(mode):
     acc = demo.stage_args("accel", cfg, "synthia_seq")
     sfm = demo.stage_args("sfm", cfg, "synthia_seq")
     assert seg[seg.index("--imagenet-init") + 1] == "none"
-    assert acc[acc.index("--chairs-init") + 1] == "none"
+    assert "--chairs-init" not in acc  # exp/common.sh takes the demo's Flying-Chairs run
+    chairs = demo.stage_args("flownet", cfg, "viper")
+    assert chairs[chairs.index("--iters") + 1] == str(cfg["chairs"]["iters"])
+    assert "--source-size" not in chairs and "--layers" not in chairs
     assert "--imagenet-init" not in acc and "--layers" not in sfm
     assert seg[seg.index("--layers") + 1: seg.index("--layers") + 5] == list(
         map(str, cfg["layers"]))
@@ -60,7 +64,7 @@ def _fake_tree(tmp_path, values):
     for run, (best, last) in values.items():
         d = tmp_path / "runs" / "viper" / run
         d.mkdir(parents=True)
-        monitor = "epe" if run == "SFM/train" else "miou"
+        monitor = "epe" if run in ("SFM/train", "FlowNet_chairs/train") else "miou"
         (d / "result.json").write_text(json.dumps({
             "stage": "x", "monitor": monitor, "best": {"iter": 10, "value": best},
             "last": {"iter": 20, "value": last}, "per_class_last": None}))
@@ -119,7 +123,7 @@ def test_build_summary_compares_source_only_with_sfc(tmp_path):
     assert rows["Accel", "sfc"]["miou_by_keyframe"]["best"] == {"1": 0.21, "2": 0.19, "5": 0.15}
     assert s["final_model"]["miou"] == 0.21 and len(s["final_model"]["per_class"]) == 15
     table = format_summary(s)
-    assert "[4] SFM/train" in table and "0.500 px @10" in table and "0.600 px @20" in table
+    assert "[5] SFM/train" in table and "0.500 px @10" in table and "0.600 px @20" in table
     assert "30.0 @10" in table  # SFC stage one update, best, in percent
     last_line = [ln for ln in table.splitlines() if ln.startswith("mIoU")][0]
     assert last_line.split()[1:] == ["25.0", "21.0", "22.0", "22.0"]
@@ -163,8 +167,9 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
             assert (d / f).is_file(), d / f
     s = json.loads((out / "summary.json").read_text())
     assert [row["stage"] for row in s["stages"]] == RUNS
+    epe_runs = ("SFM/train", "FlowNet_chairs/train")
     for row in s["stages"]:
-        assert row["monitor"] == ("epe" if row["stage"] == "SFM/train" else "miou")
+        assert row["monitor"] == ("epe" if row["stage"] in epe_runs else "miou")
         for which in ("best", "last"):
             v = row[which]["value"]
             assert _finite(v) and v >= 0 and (row["monitor"] == "epe" or v <= 1), row
@@ -180,14 +185,28 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
         assert name in r.stdout
     assert "as measured" in r.stdout
     # the progress display: stage headers
-    assert "[3/10] FlowNet_pretrain/stage_two — Accel source-only" in r.stdout
+    assert "[4/11] FlowNet_pretrain/stage_two — Accel source-only" in r.stdout
+    # the flow measurements: the premise (both FlowNets on source and target ground truth,
+    # with the zero baseline) and the SFM against its zero baseline
+    prem = s["flow"]["premise"]
+    assert [f["label"].split(" ")[0] for f in prem["flownets"]] == [
+        "FlowNet_chairs/train", "FlowNet_pretrain/stage_two/train"]
+    for f in prem["flownets"]:
+        for dom in ("source", "target"):
+            assert _finite(f[dom]["epe"]) and f[dom]["epe_zero"] > 0
+        assert _finite(f["epe_ratio_target_source"])
+    assert len(prem["segnets"]) == 3 and all(_finite(x["miou_drop"]) for x in prem["segnets"])
+    assert s["flow"]["sfm"]["best"]["epe_zero"] > 0
+    assert "SFC's premise" in r.stdout and "a zero SF would score" in r.stdout
+    assert s["ablation"]["tc_definition"].endswith("last 5 pairs of each val snippet")
+    assert "ground-truth flow" in s["ablation"]["tc_definition"]
     # the gallery
     g = out / "gallery"
     frames = sorted(g.glob("frame_*.png"))
     assert len(frames) == demo.CONFIGS["smoke"]["gallery_frames"]
     combined = np.asarray(Image.open(g / "gallery.png"))
     one = np.asarray(Image.open(frames[0]))
-    assert one.shape[1] == combined.shape[1] == 6 * 256 + 5 * 4  # six panels in a row
+    assert one.shape[1] == combined.shape[1] == 7 * 256 + 6 * 4  # seven panels in a row
     assert combined.shape[0] > len(frames) * 100
     assert "gallery.png" in (g / "index.html").read_text()
     # the ablation (BN control) and the video measurements
@@ -207,7 +226,7 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
 
 @pytest.mark.slow
 def test_smoke_demo_chains_the_scripts(smoke):
-    """What the smoke demo's seven script runs left behind: each stage consumed the earlier
+    """What the smoke demo's eleven script runs left behind: each stage consumed the earlier
     ones' outputs as a user's chain would, and `sfc.evaluate` on the final model gives the
     in-training validation's number (the demo evaluates the same val frames)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -220,14 +239,19 @@ def test_smoke_demo_chains_the_scripts(smoke):
         for f in ("config.json", "log.txt", "metrics.jsonl", "last.pt", "best.pt"):
             assert (runs / run / f).is_file(), f"{run}/{f}"
         res = json.loads((runs / run / "result.json").read_text())
-        assert res["last"]["iter"] == iters[kind] and res["checkpoint_best"] == "best.pt"
-        assert res["monitor"] == ("epe" if kind == "sfm" else "miou")
-        if kind == "sfm":
+        want = demo.CONFIGS["smoke"]["chairs"]["iters"] if kind == "flownet" else iters.get(kind)
+        assert res["last"]["iter"] == want and res["checkpoint_best"] == "best.pt"
+        assert res["monitor"] == ("epe" if kind in ("sfm", "flownet") else "miou")
+        if kind == "flownet":
+            assert res["best"]["epe_zero"] > 0 and "fl_all" in res["best"]
+            assert (runs / run / "flownet_flyingchairs_pretrained.pth").is_file()
+        elif kind == "sfm":
             assert res["best"]["value"] > 0 and res["per_class_last"] is None
         else:
             assert 0.0 <= res["best"]["value"] <= 1.0 and len(res["per_class_last"]) == 15
     log = (runs / "SFC/stage_two/train/log.txt").read_text()
     assert str(runs / "SFC/stage_one/update/best.pt") in log
+    assert f"accel.flownet <- Flying Chairs {runs / 'FlowNet_chairs/train/best.pt'}" in log
     assert str(runs / "SFM/train/best.pt") in log
     final = torch.load(runs / "SFC/stage_two/train/best.pt", weights_only=True)
     assert set(final["models"]) == {"accel", "flownet_global", "sfm"}
@@ -237,11 +261,13 @@ def test_smoke_demo_chains_the_scripts(smoke):
     # TensorBoard pictures at each evaluation (prediction|label, and SF next to the flow)
     for run, tags in (("SFC/stage_one/update", {"pred|label", "flow/SF|OF"}),
                       ("SFC/stage_two/train", {"pred|label", "flow/SF|OF"}),
-                      ("SFM/train", {"flow/SF_gt|OF"})):
+                      ("SFM/train", {"flow/SF_gt|OF"}),
+                      ("FlowNet_chairs/train", {"flow/pred|gt"})):
         ea = EventAccumulator(str(runs / run / "tb"))
         ea.Reload()
         assert set(ea.Tags()["images"]) == tags, run
-        assert "val_iou/road" in ea.Tags()["scalars"] or run == "SFM/train"
+        assert "val_iou/road" in ea.Tags()["scalars"] or run in ("SFM/train",
+                                                                  "FlowNet_chairs/train")
     ev = json.loads((out / "eval" / "SFC__stage_two__train__best.json").read_text())
     res = json.loads((runs / "SFC/stage_two/train/result.json").read_text())
     assert abs(ev["miou"] - res["best"]["value"]) < 1e-9
@@ -284,15 +310,45 @@ def test_seeds_aggregate_mean_and_std():
     assert "over 3 seeds" in table and "30.0 ± 4.0" in table
 
 
+def test_seeds_paired_difference_and_the_verdict_rule():
+    from sfc.demo.report import aggregate_seeds, format_seeds
+
+    def summary(sfc, ctl):
+        rows = [{"model": m, "variant": v, "miou_best": b, "miou_last": b, "tc_best": 0.5,
+                 "tc_last": None}
+                for m in ("SegNet (update branch)", "Accel")
+                for v, b in (("source_only", 0.1), ("bn_control", ctl), ("sfc", sfc))]
+        return {"ablation": {"rows": rows}}
+
+    # +2, +3, +4 points: positive in every seed, mean 3 > 2 × std 1 → called positive
+    agg = aggregate_seeds([summary(0.22, 0.20), summary(0.23, 0.20), summary(0.24, 0.20)])
+    acc = [r for r in agg["paired"] if r["model"] == "Accel"][0]["miou_best"]
+    assert acc["per_seed"] == pytest.approx([0.02, 0.03, 0.04])
+    assert acc["mean"] == pytest.approx(0.03) and acc["std"] == pytest.approx(0.01)
+    assert acc["positive"] is True
+    assert "adds accuracy beyond BatchNorm adaptation" in "\n".join(format_seeds(agg))
+    # +5, -1, +5: one seed negative → not separable
+    agg = aggregate_seeds([summary(0.25, 0.20), summary(0.19, 0.20), summary(0.25, 0.20)])
+    acc = [r for r in agg["paired"] if r["model"] == "Accel"][0]["miou_best"]
+    assert acc["positive"] is False
+    assert "not separable from BatchNorm adaptation" in "\n".join(format_seeds(agg))
+    # +1, +5, +9: positive in every seed but mean 5 < 2 × std 4 → not separable
+    agg = aggregate_seeds([summary(0.21, 0.20), summary(0.25, 0.20), summary(0.29, 0.20)])
+    assert [r for r in agg["paired"] if r["model"] == "Accel"][0]["miou_best"]["positive"] \
+        is False
+
+
 def test_repeated_seeds_shift_every_seed_by_two(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(demo.runner, "run_child", lambda cmd, env, what: seen.append(cmd))
     with pytest.raises(demo.DemoError, match="wrote no"):  # the fake child writes nothing
         demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
-    assert seen[0][-2:] == ["--seed", "4"]  # update: 0 + 2·2
-    seen.clear()
-    (tmp_path / "runs/viper/FlowNet_pretrain/stage_one/update").mkdir(parents=True)
-    (tmp_path / "runs/viper/FlowNet_pretrain/stage_one/update/result.json").write_text("{}")
-    with pytest.raises(demo.DemoError):
-        demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
+    assert seen[0][1].endswith("FlowNet_chairs/script/train.sh")
+    assert seen[0][-2:] == ["--seed", "4"]  # 0 + 2·2
+    for run in ("FlowNet_chairs/train", "FlowNet_pretrain/stage_one/update"):
+        seen.clear()
+        (tmp_path / "runs/viper" / run).mkdir(parents=True)
+        (tmp_path / "runs/viper" / run / "result.json").write_text("{}")
+        with pytest.raises(demo.DemoError):
+            demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
     assert seen[0][1].endswith("reference.sh") and seen[0][-2:] == ["--seed", "5"]

@@ -150,6 +150,11 @@ def test_pyproject_dependencies_cover_the_pinned_set():
     assert {d.name.lower() for d in dev} == set(dev_pins) == {"pytest", "pytest-xdist", "ruff"}
     assert all(d.specifier.contains(dev_pins[d.name.lower()]) for d in dev)
     assert "-r requirements.txt" in (REPO / "requirements-dev.txt").read_text()
+    assert "-r requirements-flow.txt" in (REPO / "requirements-dev.txt").read_text()
+    flow = [Requirement(d) for d in _pyproject()["project"]["optional-dependencies"]["flow"]]
+    flow_pins = _pins(REPO / "requirements-flow.txt")
+    assert {d.name.lower() for d in flow} == set(flow_pins) == {"scikit-image"}
+    assert all(d.specifier.contains(flow_pins[d.name.lower()]) for d in flow)
 
 
 SCRIPTS = {"sfc-train": "sfc.train.cli:main", "sfc-evaluate": "sfc.evaluate.cli:main",

@@ -1,4 +1,5 @@
-"""Hygiene of the seven stage scripts: syntax, no absolute paths, dry runs, missing inputs."""
+"""Hygiene of the stage scripts (the seven runs and the optional Flying-Chairs one): syntax, no
+absolute paths, dry runs, missing inputs."""
 
 import os
 import re
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXP = REPO / "exp"
 # script → (run dir under $SFC_OUT/$SOURCE, stage, seed, sfc weight, {flag: input run dir})
 SCRIPTS = {
+    "FlowNet_chairs/script/train.sh": ("FlowNet_chairs/train", "flownet", "0", None, {}),
     "FlowNet_pretrain/stage_one/script/update.sh":
         ("FlowNet_pretrain/stage_one/update", "segnet", "0", "0", {}),
     "FlowNet_pretrain/stage_one/script/reference.sh":
@@ -33,7 +35,7 @@ SCRIPTS = {
          {"--update-ckpt": "SFC/stage_one/update", "--reference-ckpt": "SFC/stage_one/reference",
           "--flownet-ckpt": "FlowNet_pretrain/stage_two/train", "--sfm-ckpt": "SFM/train"}),
 }
-ITERS = {"FlowNet_pretrain/stage_one": "80000", "FlowNet_pretrain/stage_two": "80000",
+ITERS = {"FlowNet_chairs": "300000", "FlowNet_pretrain/stage_one": "80000", "FlowNet_pretrain/stage_two": "80000",
          "SFM": "80000", "SFC/stage_one": "120000", "SFC/stage_two": "160000"}
 
 
@@ -58,7 +60,7 @@ def _value(cmd, flag):
     return cmd[idx[-1] + 1]
 
 
-def test_all_seven_scripts_exist_and_parse():
+def test_all_stage_scripts_exist_and_parse():
     found = sorted(str(p.relative_to(EXP)) for p in EXP.rglob("script/*.sh"))
     assert found == sorted(SCRIPTS)
     for s in [*SCRIPTS, "common.sh"]:
@@ -108,6 +110,23 @@ def test_dry_run_names_stage_inputs_outputs(script, source, tmp_path):
     if stage == "sfm":
         assert (_value(cmd, "--lr"), _value(cmd, "--weight-decay")) == ("1e-4", "4e-4")
         assert _value(cmd, "--eval-every") == "4000"
+    if stage == "flownet":  # the common FlowNet recipe; no Flying Chairs here: said so
+        assert (_value(cmd, "--lr"), _value(cmd, "--batch-size")) == ("1e-4", "8")
+        assert "note (dry run): missing" in proc.stderr and "--flying-chairs" in proc.stderr
+
+
+def test_accel_scripts_take_a_finished_flying_chairs_run(tmp_path):
+    """Without the release's file in $SFC_WEIGHTS, the Accel scripts take a finished run of
+    exp/FlowNet_chairs/script/train.sh; the file wins when both exist."""
+    chairs = tmp_path / "out" / "viper" / "FlowNet_chairs" / "train"
+    chairs.mkdir(parents=True)
+    (chairs / "result.json").write_text("{}")
+    cmd = _command(_run("FlowNet_pretrain/stage_two/script/train.sh", tmp_path, DRY_RUN="1"))
+    assert _value(cmd, "--chairs-init") == str(chairs)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "flownet_flyingchairs_pretrained.pth").write_bytes(b"x")
+    cmd = _command(_run("FlowNet_pretrain/stage_two/script/train.sh", tmp_path, DRY_RUN="1"))
+    assert _value(cmd, "--chairs-init").endswith("weights/flownet_flyingchairs_pretrained.pth")
 
 
 def test_launch_switches_to_torchrun(tmp_path):

@@ -120,7 +120,7 @@ def test_temporal_consistency_in_the_cli(tiny_data, files, tmp_path):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--temporal-consistency"], "needs --tc-flownet"),
+    (["--temporal-consistency"], "needs --tc-flow gt"),
     (["--keyframe-interval", "20"], "at most 19"),
     (["--keyframe-interval", "0"], "--keyframe-interval 0"),
     (["--temporal-consistency", "--tc-flownet", "x", "--keyframe-interval", "15"],

@@ -11,7 +11,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from sfc.data.base import ClipDataset
+from sfc.data.flow_io import read_flo, resize_flow
 from sfc.data.classes import CITYSCAPES_LUT_12, CITYSCAPES_LUT_15, CITYSCAPES_NUM_IDS
 from sfc.data.io import (
     DatasetError,
@@ -24,6 +28,7 @@ from sfc.data.io import (
     resize_label,
 )
 
+CS_FLOW_DIR = "flow_synthetic"  # the synthetic target's ground-truth flow (docs/flow.md)
 _NAME = re.compile(r"([A-Za-z]+)_(\d{6})_(\d{6})")
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -50,8 +55,9 @@ class CityscapesSeq(ClipDataset):
     dataset_name = "Cityscapes"
 
     def __init__(self, root, split="val", frames=2, size=(1024, 512), classes=15,
-                 list_file=None, raw=False):
+                 list_file=None, raw=False, gt_flow=False):
         super().__init__(root, frames, size, raw)
+        self.gt_flow = bool(gt_flow)
         if classes not in (15, 12):
             raise ValueError(f"classes must be 15 (VIPER protocol) or 12 (SYNTHIA-Seq), "
                              f"got {classes}")
@@ -93,4 +99,28 @@ class CityscapesSeq(ClipDataset):
         check_ids(ids, CITYSCAPES_NUM_IDS, label_path, "Cityscapes labelIds")
         label = self.lut[resize_label(ids, self.size)]
         item.update(label=self.label_tensor(label), name=name)
+        if self.gt_flow:
+            item["flow_gt"] = self._gt_flows(city, seq, f, label.shape)
         return item
+
+    def flow_path(self, city: str, seq: str, f: int) -> Path:
+        """The synthetic tree's forward flow f → f+1 (real Cityscapes has none)."""
+        return self.root / CS_FLOW_DIR / self.split / city / f"{city}_{seq}_{f:06d}_flow.flo"
+
+    def _gt_flows(self, city: str, seq: str, f: int, shape) -> torch.Tensor:
+        """(T, 2, H, W) float32: the forward flow t → t+1 of each clip frame at the item's size,
+        NaN where invalid; the last frame's is all NaN when its file is absent (its successor
+        is outside the clip), any other missing file is an error."""
+        out = []
+        for k in reversed(range(self.frames)):
+            path = self.flow_path(city, seq, f - k)
+            if k == 0 and not path.is_file():
+                out.append(np.full((*shape, 2), np.nan, np.float32))
+                continue
+            if not path.is_file():
+                raise DatasetError(f"Cityscapes: missing ground-truth flow {path} (only the "
+                                   "synthetic tree of python -m sfc.data.synthetic has it; "
+                                   "use --tc-flow flownet on real data)")
+            flow = read_flo(path)
+            out.append(resize_flow(flow, self.size) if self.size else flow)
+        return torch.from_numpy(np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2)))

@@ -4,8 +4,10 @@ For each frame t (a Cityscapes-Seq-layout val clip t-2, t-1, t) one row of six p
 the frame, its label, the source-only Accel's prediction (FlowNet_pretrain stage two), the SFC
 Accel's prediction (SFC stage two), the optical flow of flownet_global (the stage-two FlowNet)
 on (t, t-1), and the segmentation-based flow: the SFM (SFM stage) applied to the soft masks
-(scale 100) of the SFC Accel's predictions for t-1 and t. Both flows are drawn on one colour
-scale (white = no motion). Every model is the run's ``best.pt``.
+(scale 100) of the SFC Accel's predictions for t-1 and t, and the true flow (the synthetic
+target's ground truth: minus the forward flow t-1 → t; invalid pixels drawn as no motion).
+The three flows are drawn on one colour scale (white = no motion). Every model is the
+run's ``best.pt``.
 
 Writes ``<out>/gallery/frame_*.png`` (one per frame, with titles), ``gallery.png`` (all rows),
 ``predict.gif`` (a val snippet as `python -m sfc.predict` segments it: frame | source-only
@@ -24,6 +26,7 @@ import torch
 from sfc import vis
 from sfc.data import make_dataset
 from sfc.data.classes import get_protocol
+from sfc.data.flow_io import resize_flow
 from sfc.evaluate.checkpoint import build_model, inspect_checkpoint
 from sfc.losses import segmentation_based_flow, soft_masks
 from sfc.models import Accel, FlowNetS
@@ -32,7 +35,7 @@ NUM_CLASSES = {"viper": 15, "synthia_seq": 12}
 SO_ACCEL, SFC_ACCEL = "FlowNet_pretrain/stage_two/train", "SFC/stage_two/train"
 SFM_RUN = "SFM/train"
 TITLES = ["frame t", "label", "source-only Accel", "SFC Accel", "optical flow (FlowNet)",
-          "seg.-based flow (SFM)"]
+          "seg.-based flow (SFM)", "true flow"]
 PANEL_W = 256  # panels are enlarged (nearest) to this width for viewing
 
 
@@ -96,11 +99,17 @@ def frame_panels(item: dict, so: Accel, sfc: Accel, flownet_global: FlowNetS, sf
     of = flownet_global(torch.cat((img_cur, img_prev), 1))[0]  # (2, H/4, W/4), 1/4-grid pixels
     sf = segmentation_based_flow(soft_masks(sfc_prev, size, 100.0),
                                  soft_masks(sfc_cur, size, 100.0), img_prev, img_cur, sfm)[0]
-    mag = max(float(of.norm(dim=0).max()), float(sf.norm(dim=0).max()), 1e-6)
+    # the ground truth: minus the true forward flow t-1 → t (the backward flow t → t-1 up to
+    # where the motion is not a translation), at the 1/4 grid like the networks' flows
+    fw = item["flow_gt"][1].permute(1, 2, 0).numpy()  # (H, W, 2), full-res px, NaN invalid
+    grid = tuple(of.shape[-1:-3:-1])  # (W/4, H/4)
+    gt = -torch.from_numpy(np.nan_to_num(resize_flow(fw, grid))).permute(2, 0, 1)
+    mag = max(float(of.norm(dim=0).max()), float(sf.norm(dim=0).max()),
+              float(gt.norm(dim=0).max()), 1e-6)
     panels = [vis.denormalize_seg(seg[0, :, 2]), vis.colorize(item["label"], palette),
               vis.colorize(so_logits.argmax(1)[0], palette),
               vis.colorize(sfc_cur.argmax(1)[0], palette),
-              *vis.flows_to_rgb([of, sf])]
+              *vis.flows_to_rgb([of, sf, gt])]
     h, w = panels[0].shape[:2]
     panels = [vis.resize_nearest(p, (w, h)) for p in panels]  # flows: 1/4 grid -> frame size
     return [_enlarge(p, PANEL_W) for p in panels], mag
@@ -142,9 +151,9 @@ def _index_html(names: list[str], protocol, animation: str | None = None) -> str
             "<style>body{font-family:sans-serif;margin:20px}img{image-rendering:pixelated;"
             "max-width:100%}</style><h1>SFC demo gallery</h1>"
             f"<p>Columns: {' | '.join(map(html.escape, TITLES))}. Predictions are of frame t; "
-            "both flows share one colour scale per frame (hue = direction, saturation = "
-            "magnitude up to the 'max' in the title, in pixels of the 1/4 grid; white = no "
-            "motion). Black in the label = ignored pixels.</p>"
+            "the three flows (FlowNet, SFM, ground truth) share one colour scale per frame "
+            "(hue = direction, saturation = magnitude up to the 'max' in the title, in pixels "
+            "of the 1/4 grid; white = no motion). Black in the label = ignored pixels.</p>"
             f"<p>{legend}</p>"
             + ("<h2>A val snippet, segmented streaming by python -m sfc.predict</h2>"
                f"<img src='{animation}'>\n" if animation else "")
@@ -162,7 +171,7 @@ def make_gallery(out: Path, source: str, target_size, n_frames: int, threads: in
     flownet_global = load_flownet(runs / SO_ACCEL / "best.pt", "accel.flownet.")
     sfm = load_flownet(runs / SFM_RUN / "best.pt", "sfm.")
     ds = make_dataset("cityscapes", out / "data", split="val", frames=3,
-                      size=tuple(target_size), classes=protocol.num_classes)
+                      size=tuple(target_size), classes=protocol.num_classes, gt_flow=True)
     picks = sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(n_frames, len(ds)))})
     gallery = out / "gallery"
     gallery.mkdir(parents=True, exist_ok=True)
@@ -170,7 +179,7 @@ def make_gallery(out: Path, source: str, target_size, n_frames: int, threads: in
     for i in picks:
         item = ds[i]
         panels, mag = frame_panels(item, so, sfc, flownet_global, sfm, protocol.palette)
-        titles = [*TITLES[:4], f"{TITLES[4]}, max {mag:.2g}", f"{TITLES[5]}, max {mag:.2g}"]
+        titles = [*TITLES[:4], *(f"{t}, max {mag:.2g}" for t in TITLES[4:])]
         fname = f"frame_{item['name']}.png"
         vis.save_png(vis.side_by_side(panels, titles), gallery / fname)
         rows.append(vis.side_by_side(panels, titles))

@@ -200,23 +200,55 @@ def build_model(info: CheckpointInfo, layers=None, width=None) -> torch.nn.Modul
     return model
 
 
-def load_flownet(path) -> torch.nn.Module:
-    """A FlowNetS from any file the project reads, for judging temporal consistency with one
-    flow for every model: a FlowNet_pretrain stage-two run (`accel.flownet`, the documented
-    choice), an SFM run (`sfm`), any Accel run or release Accel state dict (`flownet.`), or a
-    bare FlowNetS state dict (the release's `flownet_source_well_trained.pth`)."""
+FLOW_NETWORKS = ("flownet", "flownet_global", "sfm")
+
+
+def resolve_run(path, select: str = "best") -> str:
+    """A run directory of ``python -m sfc.train`` → its ``best.pt`` (or ``last.pt``); a file
+    path is returned as it is."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        f = os.path.join(path, f"{select}.pt")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{path} is a folder without {select}.pt; expected a run "
+                                    "directory of python -m sfc.train or a checkpoint file")
+        return f
+    return path
+
+
+def load_flownet(path, network: str | None = None) -> tuple[torch.nn.Module, str]:
+    """A FlowNetS from any file (or run directory) the project reads → (net, which): which
+    names the network taken, e.g. ``"accel.flownet (…/best.pt)"``.
+
+    ``network``: ``flownet`` — the optical-flow FlowNet: an Accel's (``accel.flownet.`` /
+    release ``flownet.``), a Flying-Chairs run's (``flownet.``) or a bare FlowNetS state dict
+    (the release's ``flownet_flyingchairs_pretrained.pth``, ``flownet_source_well_trained.pth``);
+    ``flownet_global`` — the frozen global FlowNet inside an SFM or SFC run; ``sfm`` — the
+    segmentation-to-flow module. None: ``flownet``, else ``flownet_global``; an SFM is never
+    taken unless asked for (it does not compute optical flow from frames)."""
     from sfc.models import FlowNetS
 
-    path = os.fspath(path)
+    path = resolve_run(path)
     sd, _, _, _ = _flat_state_dict(path, _raw(path))
     key = "conv1.0.weight"
-    prefixes = sorted((k[: -len(key)] for k in sd if k.endswith(key)),
-                      key=lambda p: (not p.endswith("flownet."), "global" in p, len(p)))
-    if not prefixes:
-        raise CheckpointFormatError(f"{path}: no FlowNetS weights ('…conv1.0.weight'); expected "
-                                    "a FlowNet_pretrain stage-two run, an SFM run or a FlowNetS "
-                                    "state dict; " + _found(sd))
-    p = prefixes[0]
+    found = {k[: -len(key)] for k in sd if k.endswith(key)}
+
+    def kind(prefix: str) -> str:
+        last = prefix.rstrip(".").rsplit(".", 1)[-1] if prefix else ""
+        return {"flownet_global": "flownet_global", "sfm": "sfm"}.get(last, "flownet")
+
+    if network is not None and network not in FLOW_NETWORKS:
+        raise ValueError(f"network must be one of {FLOW_NETWORKS}, got {network!r}")
+    order = [network] if network else ["flownet", "flownet_global"]
+    p = next((q for want in order for q in sorted(found, key=len) if kind(q) == want), None)
+    if p is None:
+        have = sorted(kind(q) for q in found)
+        hint = ("; it holds only an SFM (segmentation-to-flow): pass 'sfm' explicitly to use "
+                "it" if have == ["sfm"] else "")
+        raise CheckpointFormatError(
+            f"{path}: no {' or '.join(order)} FlowNetS weights ('…conv1.0.weight'); found "
+            f"{have or 'none'}{hint}; expected a Flying-Chairs or FlowNet_pretrain stage-two "
+            "run, an SFM/SFC run, or a FlowNetS state dict; " + _found(sd))
     net = FlowNetS()
     sub = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     try:
@@ -224,4 +256,4 @@ def load_flownet(path) -> torch.nn.Module:
     except RuntimeError as e:
         raise CheckpointFormatError(f"{path}: the weights under {p!r} are not a FlowNetS: "
                                     f"{str(e).splitlines()[0]}") from e
-    return net.eval()
+    return net.eval(), f"{p.rstrip('.') or 'FlowNetS state dict'} ({path})"

@@ -18,12 +18,15 @@ import torch
 from torch.utils.data import Subset
 
 from sfc import dist, flags
+from sfc.data.flowsets import FLOW_SETS
 from sfc.evaluate.checkpoint import (
+    FLOW_NETWORKS,
     SOURCE_CLASSES,
     build_model,
     check_classes,
     inspect_checkpoint,
     load_flownet,
+    resolve_run,
 )
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet
 from sfc.evaluate.data import NativeLabels, make_eval_loader
@@ -50,11 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("accel", "segnet"), default=None,
                    help="accel: clip (f-1, f); segnet: single frame f, main head "
                         "(default: from the checkpoint)")
-    p.add_argument("--split", default="val", help="Cityscapes split (default: val)")
+    p.add_argument("--split", default=None,
+                   help="split (default: val; --flow: the flow set's, e.g. train for VIPER)")
     p.add_argument("--list", dest="list_file", default=None,
                    help="optional list file of frames to evaluate (default: scan gtFine)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(1024, 512),
-                   help="network input size (default: 1024 512)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="network input size (default: 1024 512; --flow: the stage's size of "
+                        "the flow set — VIPER 1280 720, synthetic target 1024 512 — or the "
+                        "files' own)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N images (smoke tests)")
     p.add_argument("--device", default=None,
@@ -80,9 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure temporal consistency (TC): the mIoU between the "
                         "prediction at t and the prediction at t-1 warped to t, over the last "
                         "--tc-pairs frame pairs of each val snippet, flow from --tc-flownet")
+    p.add_argument("--tc-flow", choices=("flownet", "gt"), default="flownet",
+                   help="the flow that judges TC: 'gt', the ground-truth flow of the val set "
+                        "(the synthetic target has it: an independent judge); 'flownet', the "
+                        "FlowNetS of --tc-flownet")
     p.add_argument("--tc-flownet", default=None, metavar="CKPT",
-                   help="the FlowNetS that judges TC for every model (e.g. the FlowNet_pretrain "
-                        "stage-two run's best.pt, an SFM run, a FlowNetS .pth)")
+                   help="the FlowNetS that judges TC for every model: best one that no "
+                        "compared model trained against (a Flying-Chairs run or the release's "
+                        "flownet_flyingchairs_pretrained.pth), not flownet_global; a file "
+                        "holding several takes its optical-flow FlowNet, never the SFM")
+    p.add_argument("--flow", action="store_true",
+                   help="evaluate optical flow instead: EPE, Fl-all and the zero-flow baseline "
+                        "of the FlowNetS in --checkpoint on --flow-set")
+    p.add_argument("--flow-set", choices=FLOW_SETS, default=None,
+                   help="--flow: flying_chairs (DATA/FlyingChairs), viper (VIPER/<split>/flow, "
+                        "train by default), synthetic_target (Cityscapes/flow_synthetic, the "
+                        "synthetic tree only) or middlebury_stereo (real photographs, needs "
+                        "scikit-image)")
+    p.add_argument("--flow-network", choices=FLOW_NETWORKS, default=None,
+                   help="--flow: which FlowNetS of a file holding several (default: the "
+                        "optical-flow FlowNet, else flownet_global; the SFM only if named)")
     p.add_argument("--tc-pairs", type=int, default=5,
                    help="frame pairs per snippet for TC, ending at the labelled frame (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,10 +153,17 @@ def validate(args) -> None:
                               f"{MAX_KEYFRAME_INTERVAL} (the snippets hold 19 frames before the "
                               "labelled one)")
     flags.check_number(args, "tc_pairs", low=1)
-    if args.temporal_consistency:
+    if args.flow and args.flow_set is None:
+        raise flags.FlagError("--flow needs --flow-set (" + ", ".join(FLOW_SETS) + ")")
+    if args.flow and (args.temporal_consistency or args.keyframe_interval != [1]
+                      or args.save_pred):
+        raise flags.FlagError("--flow evaluates a FlowNetS alone; --temporal-consistency, "
+                              "--keyframe-interval and --save-pred apply to segmentation")
+    if args.temporal_consistency and args.tc_flow == "flownet":
         if args.tc_flownet is None:
-            raise flags.FlagError("--temporal-consistency needs --tc-flownet CKPT (the FlowNet "
-                                  "that judges every model, e.g. FlowNet_pretrain stage two's)")
+            raise flags.FlagError("--temporal-consistency needs --tc-flow gt (ground-truth flow "
+                                  "of the val set) or --tc-flownet CKPT (the FlowNetS that "
+                                  "judges every model, e.g. a Flying-Chairs run)")
         if max(args.keyframe_interval) + args.tc_pairs > MAX_KEYFRAME_INTERVAL:
             raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-interval "
                                   f"{max(args.keyframe_interval)} needs more than the 19 frames "
@@ -161,7 +191,11 @@ def run(args) -> dict | None:
     validate(args)
     info_d = dist.init_distributed(args.device)
     device = info_d.device
-    info = inspect_checkpoint(args.checkpoint, args.mode)
+    if args.flow:
+        return _run_flow(args, device)
+    args.split = args.split or "val"
+    args.size = list(args.size or (1024, 512))
+    info = inspect_checkpoint(resolve_run(args.checkpoint), args.mode)
     source = args.source or info.config.get("source") or "viper"
     check_classes(info, source)
     if dist.is_main():
@@ -173,9 +207,10 @@ def run(args) -> dict | None:
                               "is a single-frame SegNet")
     root = Path(args.data) / DATASET_DIRS["cityscapes"]
 
-    def loader_of(frames: int, limit=args.limit):
+    def loader_of(frames: int, limit=args.limit, gt_flow: bool = False):
         ds = CityscapesSeq(root, split=args.split, frames=frames, size=tuple(args.size),
-                           classes=protocol.num_classes, list_file=args.list_file)
+                           classes=protocol.num_classes, list_file=args.list_file,
+                           gt_flow=gt_flow)
         if args.protocol == "full":
             ds = NativeLabels(ds)
         if limit is not None:
@@ -184,7 +219,13 @@ def run(args) -> dict | None:
                                 pin_memory=device.type == "cuda")
 
     model = build_model(info, args.layers, args.width).to(device)
-    tc_net = load_flownet(args.tc_flownet).to(device) if args.temporal_consistency else None
+    tc_net, tc_judge = None, None
+    if args.temporal_consistency:
+        if args.tc_flow == "gt":
+            tc_net, tc_judge = "gt", "ground-truth flow of the val set"
+        else:
+            tc_net, tc_judge = load_flownet(args.tc_flownet)
+            tc_net = tc_net.to(device)
     hook = _PredWriter(args.save_pred, protocol.palette) if args.save_pred else None
     per_k = []
     for i, k in enumerate(args.keyframe_interval):
@@ -199,7 +240,8 @@ def run(args) -> dict | None:
                                   progress=not args.no_progress, amp=args.amp, pred_hook=hook)
         if tc_net is not None:
             res["tc"] = evaluate_temporal_consistency(
-                model, info.mode, loader_of(args.tc_pairs + k + 1), tc_net, protocol.num_classes,
+                model, info.mode, loader_of(args.tc_pairs + k + 1, gt_flow=tc_net == "gt"),
+                tc_net, protocol.num_classes,
                 protocol.eval_ids, pairs=args.tc_pairs, keyframe_interval=k, device=device,
                 progress=not args.no_progress)
         per_k.append((k, res))
@@ -219,7 +261,10 @@ def run(args) -> dict | None:
             record["keyframe_intervals"] = [_k_record(k, r, protocol) for k, r in per_k]
         if tc_net is not None:
             record["temporal_consistency"] = record["keyframe_intervals"][0]["tc"]
-            record["tc_flownet"] = os.fspath(args.tc_flownet)
+            record["tc_flow"] = args.tc_flow
+            record["tc_judge"] = tc_judge
+            if args.tc_flow == "flownet":
+                record["tc_flownet"] = os.fspath(args.tc_flownet)
         print(format_table(record))
         if args.json:
             write_json(args.json, record)
@@ -231,6 +276,22 @@ def run(args) -> dict | None:
             print(f"colourised predictions in {args.save_pred}")
     dist.barrier()
     return record
+
+
+def _run_flow(args, device) -> dict | None:
+    from sfc.evaluate.flow import format_flow_table, run_flow, write_flow_csv
+
+    record = run_flow(args, device)
+    if dist.is_main():
+        print(format_flow_table(record))
+        if args.json:
+            write_json(args.json, record)
+            print(f"wrote {args.json}")
+        if args.csv:
+            write_flow_csv(args.csv, [record])
+            print(f"wrote {args.csv}")
+    dist.barrier()
+    return record if dist.is_main() else None
 
 
 def _k_record(k: int, res: dict, protocol) -> dict:

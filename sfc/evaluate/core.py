@@ -172,12 +172,14 @@ def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = 
     ``flownet_global``'s flow, EPE **unmasked**, mean over each image's pixels, then the mean
     of those per-image means. Items need ``"flow"`` (3×T×H×W), ``"label"`` and
     ``"label_prev"`` (``ViperSeq(prev_label=True)``). Returns ``{"epe": float (pixels of the
-    1/4 flow grid), "num_images": int}``, summed over all processes.
+    1/4 flow grid), "epe_zero": the same mean for a zero SF (the mean ‖OF‖: what an SFM that
+    predicts nothing would score), "num_images": int}``, summed over all processes.
     """
-    from sfc.losses import sfm_loss  # late import: only this loop needs the losses
+    from sfc.losses import global_flow, sfm_loss  # late import: only this loop needs them
 
     device = torch.device(device)
     total = torch.zeros(1, dtype=torch.float64, device=device)
+    zero = torch.zeros(1, dtype=torch.float64, device=device)
     seen = 0
     n_batches = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(loader, total=n_batches, desc="eval sfm",
@@ -194,12 +196,17 @@ def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = 
                     e = sfm_loss(flow[b:b + 1, :, -2], flow[b:b + 1, :, -1],
                                  label_prev[b:b + 1], label[b:b + 1], flownet_global, sfm,
                                  gt_down4x=None)
+                    of = global_flow(flownet_global, flow[b:b + 1, :, -2],
+                                     flow[b:b + 1, :, -1])
                 total += e.detach().double()
+                zero += torch.linalg.vector_norm(of.double(), dim=1).mean()
                 seen += 1
             if limit is not None and seen >= limit:
                 break
     bar.close()
     dist.all_reduce_sum(total)
+    dist.all_reduce_sum(zero)
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
     n_img = int(n.item())
-    return {"epe": float(total.item() / max(n_img, 1)), "num_images": n_img}
+    return {"epe": float(total.item() / max(n_img, 1)),
+            "epe_zero": float(zero.item() / max(n_img, 1)), "num_images": n_img}

@@ -2,8 +2,15 @@
 
 TC is the mIoU between the prediction at frame t and the prediction at t-1 warped to t by
 optical flow, accumulated in one confusion matrix over the last `pairs` frame pairs before (and
-ending at) the labelled frame of every val snippet. The flow comes from one fixed FlowNet
-(`--tc-flownet`), so that every model compared is judged with the same flow. Conventions:
+ending at) the labelled frame of every val snippet. Every model compared is judged with the same
+flow: the val set's ground truth (`--tc-flow gt`, the synthetic target: independent of every
+model), or one fixed FlowNet (`--tc-flownet`; best one no compared model trained against, a
+Flying-Chairs FlowNetS — never flownet_global, which the SFC loss trains the SegNets to agree
+with). Conventions:
+
+* with ground truth, the comparison runs the other way: the prediction at t is warped back to
+  t-1 by the true forward flow t-1 → t (nearest neighbour) and compared with the prediction at
+  t-1 on the pixels whose flow is valid (not occluded, not leaving the frame);
 
 * the flow is the FlowNetS's backward flow at 1/4 resolution, `flownet(cat[img_t, img_{t-1}])`
   (pixels of the 1/4 grid), upsampled bilinearly to the prediction size and scaled by 4;
@@ -67,18 +74,36 @@ def consistency_confusion(pred_t: torch.Tensor, pred_prev: torch.Tensor, flow: t
 
 
 @torch.no_grad()
+def gt_consistency_confusion(pred_prev: torch.Tensor, pred_t: torch.Tensor,
+                             forward_flow: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """With ground truth: the confusion matrix between `pred_prev` (frame t-1) and `pred_t`
+    warped to t-1 by the true forward flow t-1 → t (`B×2×H×W` at the predictions' size, NaN
+    where occluded or out of frame — those pixels are left out)."""
+    valid = torch.isfinite(forward_flow).all(dim=1)
+    warped = warp_labels(pred_t, torch.nan_to_num(forward_flow.float(), nan=0.0))
+    warped = torch.where(valid, warped, torch.full_like(warped, -1))
+    return confusion_matrix(warped, pred_prev, num_classes)
+
+
+@torch.no_grad()
 def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes: int,
                                   eval_ids, pairs: int = 5, keyframe_interval: int = 1,
                                   device="cpu", progress: bool = True) -> dict:
     """TC over a loader of clips of `pairs + keyframe_interval + 1` frames ending at the
-    labelled frame (`CityscapesSeq(frames=...)`). Returns {"tc", "per_class" (None = absent),
-    "pairs", "num_snippets", "keyframe_interval"}, summed over processes."""
+    labelled frame (`CityscapesSeq(frames=...)`). `flownet` is a FlowNetS, or "gt": the clips'
+    ground-truth forward flows (`CityscapesSeq(gt_flow=True)`, the synthetic target) judge.
+    Returns {"tc", "per_class" (None = absent), "pairs", "num_snippets", "keyframe_interval"},
+    summed over processes."""
     device = torch.device(device)
     k, need = int(keyframe_interval), pairs + int(keyframe_interval) + 1
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    was = (model.training, flownet.training)
+    gt = isinstance(flownet, str)
+    if gt and flownet != "gt":
+        raise ValueError(f"flownet must be a FlowNetS or 'gt', got {flownet!r}")
+    was = (model.training, None if gt else flownet.training)
     model.eval()
-    flownet.eval()
+    if not gt:
+        flownet.eval()
     seen = 0
     bar = tqdm(loader, desc=f"temporal consistency K={k}", leave=False, dynamic_ncols=True,
                disable=not (progress and dist.is_main()))
@@ -104,6 +129,13 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
             logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear",
                                    align_corners=False)
         pred = logits.argmax(1).view(pairs + 1, b, *size)  # (P+1, B, H, W)
+        if gt:  # pred of t-1 against pred of t warped back by the true flow t-1 → t
+            fg = batch["flow_gt"].to(device)[:, -need:]  # (B, T, 2, H, W)
+            fwd = torch.cat([fg[:, j - 1] for j in frames[1:]])  # (P·B, 2, H, W)
+            cm += gt_consistency_confusion(pred[:-1].reshape(-1, *size),
+                                           pred[1:].reshape(-1, *size), fwd, num_classes)
+            seen += b
+            continue
         cur = torch.cat([flw[:, :, j] for j in frames[1:]])  # (P·B, 3, H, W), frames t
         prev = torch.cat([flw[:, :, j - 1] for j in frames[1:]])
         flow = flownet(torch.cat((cur, prev), 1))  # (P·B, 2, H/4, W/4), backward t → t-1
@@ -112,7 +144,8 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
         seen += b
     bar.close()
     model.train(was[0])
-    flownet.train(was[1])
+    if not gt:
+        flownet.train(was[1])
     dist.all_reduce_sum(cm)
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
     tc, per = tc_from_confusion(cm, eval_ids)

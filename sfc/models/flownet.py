@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 FLOW_SCALE = 5.0  # the release multiplies flow2 by 5 → pixels of the 1/4-resolution grid
+DIV_FLOW = 20.0  # FlowNet training predicts flow / 20 (full-res px); 20 / 4 = FLOW_SCALE
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -66,7 +67,29 @@ class FlowNetS(nn.Module):
         self.upsample_flow4to3 = nn.ConvTranspose2d(2, 2, 4, 2, 0, bias=True)
         self.upsample_flow3to2 = nn.ConvTranspose2d(2, 2, 4, 2, 0, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reset_parameters_flownet(self) -> FlowNetS:
+        """The FlowNet training init (the common PyTorch FlowNet code): every conv and
+        transposed conv weight Kaiming-normal with the LeakyReLU slope 0.1, biases 0. Used when
+        a FlowNetS is trained from scratch on Flying Chairs (`--stage flownet`)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, a=0.1)
+                nn.init.zeros_(m.bias)
+        return self
+
+    def forward(self, x: torch.Tensor, pyramid: bool = False):
+        """Backward flow `(B, 2, ⌈H/4⌉, ⌈W/4⌉)` in pixels of the 1/4 grid: `flow2 × 5`;
+        `pyramid=True`: the raw five-scale outputs of `pyramid` instead (Flying-Chairs
+        training, through DistributedDataParallel's forward)."""
+        if pyramid:
+            return self.pyramid(x)
+        return self.pyramid(x)[0] * FLOW_SCALE
+
+    def pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The raw predictions `(flow2, flow3, flow4, flow5, flow6)` at 1/4 … 1/64 resolution,
+        each in full-resolution pixels divided by 20 (`DIV_FLOW`, the FlowNet training
+        convention that `flow2 × 5` turns into pixels of the 1/4 grid); the multi-scale
+        Flying-Chairs loss (`sfc.losses.multiscale_epe`) supervises all five."""
         if x.dim() != 4 or x.shape[1] != 6:
             raise ValueError(f"FlowNetS expects B×6×H×W (cat of frame t and t-1), "
                              f"got {tuple(x.shape)}")
@@ -92,4 +115,5 @@ class FlowNetS(nn.Module):
         concat2 = torch.cat((out_conv2,
                              _crop_like(self.deconv2(concat3), out_conv2),
                              _crop_like(self.upsample_flow3to2(flow3), out_conv2)), 1)
-        return self.predict_flow2(concat2) * FLOW_SCALE  # (B, 2, ⌈H/4⌉, ⌈W/4⌉), 1/4-grid px
+        flow2 = self.predict_flow2(concat2)  # (B, 2, ⌈H/4⌉, ⌈W/4⌉), full-res px / 20
+        return flow2, flow3, flow4, flow5, flow6

@@ -19,9 +19,11 @@ SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
 SOURCE_SIZES = {"viper": (1280, 720), "synthia_seq": (1280, 640)}
 # stage → (lr, weight decay, eval every) of the release (SPEC §5)
 STAGE_DEFAULTS = {"segnet": (2.5e-4, 5e-4, 2000), "accel": (5e-4, 5e-4, 2000),
-                  "sfm": (1e-4, 4e-4, 4000)}
+                  "sfm": (1e-4, 4e-4, 4000), "flownet": (1e-4, 4e-4, 5000)}
 # stage → (iterations without, with the SFC loss) of the release (SPEC §5)
-ITERS = {"segnet": (80000, 120000), "accel": (80000, 160000), "sfm": (80000, 80000)}
+ITERS = {"segnet": (80000, 120000), "accel": (80000, 160000), "sfm": (80000, 80000),
+         "flownet": (300000, 300000)}  # flownet: the common FlowNet code's 300 × 1000
+BATCH = {"flownet": 8}  # clips per step where it is not the release's 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,20 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
     a = p.add_argument
-    a("--stage", required=True, choices=["segnet", "accel", "sfm"],
-      help="stage kind: single-frame SegNet (stage one), Accel (stage two) or SFM")
+    a("--stage", required=True, choices=["segnet", "accel", "sfm", "flownet"],
+      help="stage kind: single-frame SegNet (stage one), Accel (stage two), SFM, or flownet: "
+           "a FlowNetS supervised on Flying Chairs (--data ROOT with ROOT/FlyingChairs/; the "
+           "--chairs-init of the accel stages)")
     a("--source", default="viper", choices=sorted(SOURCES),
       help="source dataset; sets the classes (15 / 12) and the Cityscapes class map")
     a("--data", default="data", help="data root holding VIPER/, Cityscapes/, SynthiaSeq/")
     a("--out", required=True, help="run directory (resumed if it holds last.pt)")
     a("--iters", type=int, default=None,
       help="training iterations (default: the release's for the stage and SFC weight — "
-           "segnet 80000 / 120000 with SFC, accel 80000 / 160000 with SFC, sfm 80000)")
+           "segnet 80000 / 120000 with SFC, accel 80000 / 160000 with SFC, sfm 80000; flownet "
+           "300000)")
     a("--eval-every", type=int, default=None,
-      help="validate and write last.pt every N iterations (default 2000; SFM 4000)")
+      help="validate and write last.pt every N iterations (default 2000; SFM 4000; flownet "
+           "5000)")
     a("--log-every", type=int, default=50, help="log training losses every N iterations")
     a("--lr", type=float, default=None,
-      help="base LR (segnet 2.5e-4 poly, heads 10x; accel 5e-4 after warm-up; sfm Adam 1e-4)")
+      help="base LR (segnet 2.5e-4 poly, heads 10x; accel 5e-4 after warm-up; sfm Adam 1e-4; "
+           "flownet Adam 1e-4, halved at 1/3, 1/2 and 2/3 of the run)")
     a("--warmup-lr", type=float, default=5e-5, help="accel: LR during the warm-up")
     a("--warmup-iters", type=int, default=1000, help="accel: warm-up length")
     a("--warmup-order", choices=["after", "before"], default=None,
@@ -51,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
            "after without SFC, before with it")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=None,
-      help="L2 weight decay (SGD 5e-4; SFM Adam 4e-4, added to the gradient, not AdamW)")
+      help="L2 weight decay (SGD 5e-4; SFM Adam 4e-4, added to the gradient, not AdamW; "
+           "flownet 4e-4 on the weights, none on the biases)")
     a("--optimizer", choices=["release", "clean"], default="release",
       help="segnet: 'release' updates most backbone tensors 3-4x per step as the release's "
            "duplicated parameter list does (SPEC 3.1); 'clean' once")
@@ -73,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="which checkpoint of an earlier run directory to consume (quirk 1: best)")
     a("--allow-unfinished", action="store_true",
       help="consume an earlier run that has not finished (no result.json); refused otherwise")
-    a("--batch-size", type=int, default=1, help="clips per domain per process (paper 1)")
+    a("--batch-size", type=int, default=None,
+      help="clips per domain per process (paper 1; flownet: image pairs, default 8)")
     a("--source-size", type=int, nargs=2, metavar=("W", "H"), default=None,
-      help="source resize (VIPER 1280 720; SYNTHIA-Seq 1280 640 after the crop)")
+      help="source resize (VIPER 1280 720; SYNTHIA-Seq 1280 640 after the crop; flownet: the "
+           "Flying Chairs pairs, default their own size)")
     a("--target-size", type=int, nargs=2, metavar=("W", "H"), default=(1024, 512),
       help="Cityscapes resize (train and val)")
     a("--layers", type=int, nargs=4, default=(3, 4, 23, 3), help="ResNet block counts")
@@ -83,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--imagenet-init", default=None,
       help="segnet: DeepLab-v2 ImageNet init file, or 'none' for random init")
     a("--chairs-init", default=None,
-      help="accel: Flying Chairs FlowNetS file for Accel's FlowNet, or 'none'")
+      help="accel: Flying Chairs FlowNetS for Accel's FlowNet — the release's "
+           "flownet_flyingchairs_pretrained.pth, a --stage flownet run directory, its best.pt or "
+           "its exported .pth — or 'none' (flownet: an optional init to fine-tune)")
     a("--update-ckpt", default=None, help="accel: stage-one 'update' run dir or checkpoint")
     a("--reference-ckpt", default=None, help="accel: stage-one 'reference' run dir/checkpoint")
     a("--flownet-ckpt", default=None,
@@ -130,12 +142,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.lr = lr if args.lr is None else args.lr
     args.weight_decay = wd if args.weight_decay is None else args.weight_decay
     args.eval_every = every if args.eval_every is None else args.eval_every
+    if args.batch_size is None:
+        args.batch_size = BATCH.get(args.stage, 1)
     if args.iters is None:  # the release's iterations for this stage and SFC weight (SPEC §5)
         args.iters = ITERS[args.stage][args.sfc_weight > 0 and args.stage != "sfm"]
     validate(args)
     args.num_classes = SOURCES[args.source]
     args.eval_ids = [int(i) for i in get_protocol(args.num_classes).eval_ids]
-    args.source_size = list(args.source_size or SOURCE_SIZES[args.source])
+    if args.stage == "flownet":  # Flying Chairs: the files' own size unless asked
+        args.source_size = list(args.source_size) if args.source_size else None
+    else:
+        args.source_size = list(args.source_size or SOURCE_SIZES[args.source])
     args.target_size = list(args.target_size)
     args.layers = list(args.layers)
     if args.warmup_order is None:
@@ -171,6 +188,15 @@ class Data:
 
 def build_data(cfg) -> Data:
     c = cfg.num_classes
+    if cfg.stage == "flownet":
+        from sfc.data.flowsets import make_flow_set
+
+        size = tuple(cfg.source_size) if cfg.source_size else None
+        source = make_flow_set("flying_chairs", cfg.data, split="train", size=size)
+        val = make_flow_set("flying_chairs", cfg.data, split="val", size=size)
+        return Data(source, None, val, None,
+                    notes=(f"Flying Chairs: {len(source)} train / {len(val)} val pairs under "
+                           f"{Path(cfg.data) / 'FlyingChairs'}",))
     # Training clips travel as uint8 and are normalised on the device (sfc.train.streams.to_device):
     # the same tensors as the float path, less work in the workers.
     src_kw = {"frames": 2, "size": tuple(cfg.source_size), "list_file": cfg.source_list,

@@ -244,22 +244,24 @@ class Trainer:
         mon = self.stage.monitor
         value = float(res[mon])
         names = self.data.protocol.class_names if self.data.protocol else []
+        extra = {k: float(res[k]) for k in self.stage.extra_metrics if k in res}
         rec = {"iter": self.iter, "value": value, "monitor": mon,
-               "per_class": _per_class(res, names)}
+               "per_class": _per_class(res, names), "extra": extra}
         self.last_eval = rec
         better = (self.best["value"] is None
                   or (value > self.best["value"] if self.stage.higher_is_better
                       else value < self.best["value"]))
         if better:
-            self.best = {"iter": self.iter, "value": value}
+            self.best = {"iter": self.iter, "value": value, "extra": extra}
         if self.main:
-            self.log.metrics({"split": "val", "iter": self.iter, mon: value,
+            self.log.metrics({"split": "val", "iter": self.iter, mon: value, **extra,
                               "per_class": rec["per_class"], "best": better})
-            scalars = {f"val/{mon}": value}
+            scalars = {f"val/{mon}": value, **{f"val/{k}": v for k, v in extra.items()}}
             for n, v in (rec["per_class"] or {}).items():
                 scalars[f"val_iou/{n}"] = v
             self.log.scalars(scalars, self.iter)
-            self.log.info(f"iter {self.iter}: val {mon} {value:.4f}"
+            more = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+            self.log.info(f"iter {self.iter}: val {mon} {value:.4f}{more}"
                           + (" (best)" if better else f" (best {self.best['value']:.4f} "
                              f"at {self.best['iter']})"))
             self._pictures()
@@ -384,13 +386,19 @@ class Trainer:
     def _write_result(self, path: Path) -> None:
         le = self.last_eval
         result = {"stage": self.cfg.stage, "monitor": self.stage.monitor,
-                  "best": {"iter": self.best["iter"], "value": self.best["value"]},
-                  "last": {"iter": le["iter"], "value": le["value"]},
+                  "best": {"iter": self.best["iter"], "value": self.best["value"],
+                           **(self.best.get("extra") or {})},
+                  "last": {"iter": le["iter"], "value": le["value"], **(le.get("extra") or {})},
                   "per_class_last": le["per_class"],
                   "checkpoint_best": "best.pt", "checkpoint_last": "last.pt"}
         for k in ("best", "last"):
             if result[k]["value"] is not None and not math.isfinite(result[k]["value"]):
                 result[k]["value"] = None
+        exports = self.stage.export(self.run_dir)
+        for what, file in exports:
+            self.log.info(f"exported {what}: {self.run_dir / file}")
+        if exports:
+            result["exports"] = {file: what for what, file in exports}
         runio.write_json(path, result)
         self.log.info("result: " + json.dumps(result["best"]) + " best, "
                       + json.dumps(result["last"]) + " last")

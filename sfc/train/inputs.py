@@ -23,6 +23,7 @@ PRODUCERS = {
     "reference": "exp/FlowNet_pretrain/stage_one/script/reference.sh (or exp/SFC/stage_one/...)",
     "flownet": "exp/FlowNet_pretrain/stage_two/script/train.sh",
     "sfm": "exp/SFM/script/train.sh",
+    "chairs": "exp/FlowNet_chairs/script/train.sh",
 }
 
 
@@ -155,7 +156,31 @@ def maybe_init(path: str | None, what: str) -> Path | None:
         hint = {"imagenet": "DeepLab_resnet_pretrained_init-f81d91e8.pth or ADVENT's "
                             "DeepLab_resnet_pretrained_imagenet.pth (see README)",
                 "chairs": "flownet_flyingchairs_pretrained.pth from the authors' GitHub "
-                          "repository's model_weights/ (see README)"}[what]
+                          "repository's model_weights/ (see README), or a Flying-Chairs run "
+                          "of exp/FlowNet_chairs/script/train.sh"}[what]
         raise FileNotFoundError(f"{what} init {p} not found; expected {hint}, or pass "
                                 f"--{what}-init none to keep the random init")
     return p
+
+
+def chairs_init(arg: str | None, select: str = "best", allow_unfinished: bool = False):
+    """`--chairs-init`: `none` (None), a Flying-Chairs run directory of `--stage flownet` (its
+    best.pt / last.pt), or a file (that run's checkpoint or export, the release's .pth)."""
+    if arg is None or str(arg).lower() == "none":
+        return None
+    if Path(arg).is_dir():
+        return resolve(arg, select, "chairs", allow_unfinished)
+    return maybe_init(arg, "chairs")
+
+
+def load_chairs_into(model: nn.Module, path: Path) -> str:
+    """A Flying-Chairs FlowNetS into `model`: the `flownet` of a `--stage flownet` run, or a
+    bare FlowNetS state dict (its export, the release's `flownet_flyingchairs_pretrained.pth`),
+    strict. Returns a description with the file's SHA-256."""
+    ckpt = _sfc_checkpoint(path)
+    if ckpt is None:
+        digest = checkpoints.load_flownet_chairs(model, path)
+        return f"{path} (sha256 {digest})"
+    _load(model, _network(ckpt, "flownet", path), path, ckpt,
+          "the FlowNetS of a Flying-Chairs (--stage flownet) run")
+    return f"{path} (iter {ckpt.get('iter')}, sha256 {checkpoints.sha256(path)})"

@@ -48,6 +48,15 @@ def constant_lr(i: int, lr: float) -> float:
     return lr
 
 
+def multistep_lr(i: int, lr: float, max_iters: int, fractions=(1 / 3, 1 / 2, 2 / 3),
+                 gamma: float = 0.5) -> float:
+    """The Flying-Chairs FlowNetS schedule: `lr` halved at 1/3, 1/2 and 2/3 of the run (the
+    common PyTorch FlowNet code: 300 epochs of 1000 iterations, halved at epochs 100, 150,
+    200), set before step i."""
+    drops = sum(i >= round(f * max_iters) for f in fractions)
+    return lr * gamma ** drops
+
+
 # ---- SGD with per-parameter repeat counts --------------------------------------------------
 class RepeatedSGD(torch.optim.Optimizer):
     """SGD whose parameter groups carry a `repeats` list (one int >= 1 per parameter).
@@ -206,3 +215,15 @@ def make_adam(params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
     """The SFM optimiser: Adam with weight decay added to the gradient as L2 (not AdamW)."""
     groups = [{"params": list(params), "lr": lr, "lr_mult": 1.0, "name": "sfm"}]
     return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def make_flownet_adam(net: torch.nn.Module, lr: float = 1e-4, betas=(0.9, 0.999),
+                      weight_decay: float = 4e-4) -> torch.optim.Adam:
+    """The Flying-Chairs FlowNetS optimiser (common PyTorch FlowNet code): Adam, weight decay
+    (L2, added to the gradient) on the weights, none on the biases."""
+    weights = [p for n, p in net.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    groups = [{"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0,
+               "name": "weights"},
+              {"params": biases, "weight_decay": 0.0, "lr_mult": 1.0, "name": "biases"}]
+    return torch.optim.Adam(groups, lr=lr, betas=betas)

@@ -5,6 +5,7 @@
 | segnet | FlowNet_pretrain/SFC stage one | DeepLab-v2 multi-level (heads 10×)    | mIoU    |
 | accel  | FlowNet_pretrain/SFC stage two | merge, flownet, both layer6 (1 group) | mIoU    |
 | sfm    | SFM                            | the SFM (Adam)                        | EPE     |
+| flownet| Flying-Chairs FlowNetS (ours)  | a FlowNetS, multi-scale EPE (Adam)    | EPE     |
 
 `sfc_weight > 0` adds the SFC loss on target video (segnet: 0.005, accel: 0.001), for which the
 frozen `flownet_global` and SFM are loaded. A stage builds its networks, loads their inits,
@@ -16,6 +17,7 @@ step) and validates.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,6 +26,8 @@ from sfc import checkpoints, dist, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
 from sfc.train import inputs, optim
+
+CHAIRS_EXPORT = "flownet_flyingchairs_pretrained.pth"  # the flownet stage's export
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,6 +84,7 @@ class Stage:
     kind = ""
     monitor = "miou"  # or "epe"
     higher_is_better = True
+    extra_metrics: tuple[str, ...] = ()  # more numbers of `validate` kept in the results
     main_nets: tuple[str, ...] = ()  # networks saved in best.pt / last.pt
 
     def __init__(self, cfg, device: torch.device, log=print):
@@ -151,6 +156,10 @@ class Stage:
     def load_saved_state(self, models: dict) -> None:
         for k, v in self.nets.items():
             v.load_state_dict(models[k], strict=True)
+
+    def export(self, run_dir) -> list[tuple[str, str]]:
+        """Files written beside result.json when the run finishes: [(what, file name)]."""
+        return []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -266,10 +275,9 @@ class AccelStage(Stage):
                 raise ValueError(f"the accel stage needs --{what}-ckpt (a stage-one run)")
             p = inputs.resolve(arg, cfg.select, what, cfg.allow_unfinished)
             log(f"accel.{sub} <- {inputs.load_segnet_into(getattr(accel, sub), p)}")
-        init = inputs.maybe_init(cfg.chairs_init, "chairs")
+        init = inputs.chairs_init(cfg.chairs_init, cfg.select, cfg.allow_unfinished)
         if init is not None:
-            digest = checkpoints.load_flownet_chairs(accel.flownet, init)
-            log(f"accel.flownet <- Flying Chairs {init} (sha256 {digest})")
+            log(f"accel.flownet <- Flying Chairs {inputs.load_chairs_into(accel.flownet, init)}")
         else:
             log("accel.flownet: random init (--chairs-init none)")
         optim.freeze_accel_backbones(accel)
@@ -332,6 +340,7 @@ class SFMStage(Stage):
     monitor = "epe"
     higher_is_better = False
     main_nets = ("sfm",)
+    extra_metrics = ("epe_zero",)
 
     def __init__(self, cfg, device, log=print):
         super().__init__(cfg, device, log)
@@ -362,7 +371,63 @@ class SFMStage(Stage):
                             device=self.device, progress=progress, amp=self.cfg.amp)
 
 
-STAGES = {"segnet": SegNetStage, "accel": AccelStage, "sfm": SFMStage}
+class FlowNetStage(Stage):
+    """Flying-Chairs pre-training of a FlowNetS (docs/flow.md): the multi-scale EPE of flow2 …
+    flow6 against the ground truth / 20 (`losses.multiscale_epe`), Adam (weight decay on the
+    weights only), LR halved at 1/3, 1/2, 2/3 of the run. Validated by EPE on the val split
+    (lower is better), with the zero-flow baseline and Fl-all beside it. The weights keep the
+    FlowNetS keys: `--chairs-init` of the accel stage takes the run (or its exported .pth)."""
+
+    kind = "flownet"
+    monitor = "epe"
+    higher_is_better = False
+    main_nets = ("flownet",)
+    extra_metrics = ("epe_zero", "fl_all", "fl_all_zero")
+
+    def __init__(self, cfg, device, log=print):
+        super().__init__(cfg, device, log)
+        net = FlowNetS()
+        init = inputs.chairs_init(cfg.chairs_init, cfg.select, cfg.allow_unfinished)
+        if init is not None:
+            log(f"flownet <- {inputs.load_chairs_into(net, init)} (fine-tuning)")
+        else:
+            net.reset_parameters_flownet()
+            log("flownet: random init (Kaiming normal, slope 0.1, zero biases: the FlowNet "
+                "training init)")
+        self.nets["flownet"] = net  # a NaN flow makes a NaN loss (no warp): the loss check
+        self.to(device)
+        self.optimizer = optim.make_flownet_adam(self.nets["flownet"], lr=cfg.lr,
+                                                 weight_decay=cfg.weight_decay)
+
+    def lr_at(self, i: int) -> float:
+        return optim.multistep_lr(i, self.cfg.lr, self.cfg.iters)
+
+    def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
+        x = torch.cat((src["img1"], src["img2"]), 1)  # (B, 6, H, W): flow of img1 into img2
+        with self.autocast():
+            pyr = self.model("flownet")(x, pyramid=True)  # flow2 … flow6, px / 20
+            loss = _checked("flow", losses.multiscale_epe(pyr, src["flow_gt"]))
+        loss.backward()
+        return {"flow": float(loss.detach())}
+
+    def export(self, run_dir) -> list[tuple[str, str]]:
+        """The best FlowNetS as a bare state dict in the release's key layout (the file
+        `flownet_flyingchairs_pretrained.pth` the release loads), for `--chairs-init`."""
+        from sfc.train.runio import atomic_save, load_checkpoint
+
+        best = load_checkpoint(Path(run_dir) / "best.pt")
+        atomic_save(best["models"]["flownet"], Path(run_dir) / CHAIRS_EXPORT)
+        return [(f"FlowNetS of iteration {best['iter']} (best val EPE)", CHAIRS_EXPORT)]
+
+    def validate(self, loader, progress=True) -> dict:
+        from sfc.evaluate.flow import evaluate_flow
+
+        return evaluate_flow(self.nets["flownet"], loader, device=self.device,
+                             progress=progress, amp=self.cfg.amp)
+
+
+STAGES = {"segnet": SegNetStage, "accel": AccelStage, "sfm": SFMStage,
+          "flownet": FlowNetStage}
 
 
 def build_stage(cfg, device, log=print) -> Stage:

@@ -4,6 +4,7 @@
   (flownet_global for SFC stage one, Accel's FlowNet for stage two) and, for SFC stages, the
   segmentation-based flow from the prediction's soft masks (same colour scale).
 * sfm: the segmentation-based flow from the ground-truth masks | flownet_global's flow.
+* flownet: the FlowNetS's flow | the ground truth (Flying Chairs val).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from sfc import losses, vis
+from sfc.evaluate.temporal import upsample_flow
 
 
 def _flows(a: torch.Tensor, b: torch.Tensor) -> list[np.ndarray]:
@@ -34,6 +36,11 @@ def draw(stage, batch: dict, palette) -> dict[str, np.ndarray]:
 
 
 def _draw(stage, batch, palette) -> dict[str, np.ndarray]:
+    if stage.kind == "flownet":  # Flying Chairs: predicted | ground-truth flow, one scale
+        x = torch.cat((batch["img1"][:1], batch["img2"][:1]), 1)
+        gt = torch.nan_to_num(batch["flow_gt"][0].float())
+        pred = upsample_flow(stage.nets["flownet"](x).float(), gt.shape[-2:])[0]
+        return {"flow/pred|gt": vis.side_by_side(_flows(pred, gt), ["FlowNetS", "ground truth"])}
     f = batch["flow"][:1]  # (1, 3, T, H, W) flow-normalised
     img_prev, img_cur = f[:, :, -2], f[:, :, -1]
     if stage.kind == "sfm":

@@ -2,12 +2,16 @@
 
     python -m sfc.data.synthetic --out data            # the demo's tree, a few seconds
     python -m sfc.data.synthetic --out DIR --native    # frames at 1920×1080 / 2048×1024 / 1280×760
+    python -m sfc.data.synthetic --flying-chairs DIR --count 2000   # a synthetic Flying Chairs
 
 From Python (tests, demo): ``generate(out_dir, seed=0, tiny=True)`` writes a tiny tree in well
 under a second. Same seed -> byte-identical files. Formats are the real ones: VIPER JPEG images
 and palette PNG labels (index = VIPER id, every frame labelled, annotated = multiples of 10),
 Cityscapes PNG sequence frames + 8-bit ``gtFine_labelIds`` for the frame ``…_000019``, SYNTHIA
-8-bit RGB PNGs + 16-bit 3-channel label PNGs (class id in R, instance ids in G/B).
+8-bit RGB PNGs + 16-bit 3-channel label PNGs (class id in R, instance ids in G/B). Ground-truth
+forward flow t → t+1 (NaN where occluded or out of frame, docs/flow.md): VIPER's own
+``flow/SSS/SSS_NNNNN.npz`` (float16 ``u``, ``v``) and, for the target, Middlebury ``.flo`` in
+``Cityscapes/flow_synthetic/<split>/<city>/<city>_<seq>_<frame>_flow.flo`` (synthetic only).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sfc.data.synthetic.scene import CANON, Scene
+from sfc.data.cityscapes import CS_FLOW_DIR
+from sfc.data.flow_io import write_flo, write_viper_flow
+from sfc.data.synthetic.chairs import CHAIRS_SIZE, VAL_EVERY, write_flying_chairs
+from sfc.data.synthetic.scene import CANON, Scene, forward_flow
 from sfc.data.synthetic.styles import (
     CITYSCAPES_IDS,
     CITYSCAPES_STYLE,
@@ -58,33 +65,50 @@ def _viper_palette() -> list[int]:
     return pal.flatten().tolist()
 
 
+def _frames(scene: Scene, span, size, style, noise):
+    """Yield (t, canvas, rgb, flow of the previous frame t-1 → t or None) along ``span``."""
+    prev = None
+    for t in span:
+        cv = scene.paint(t, size[0], size[1], style)
+        flow = forward_flow(prev, cv) if prev is not None else None
+        rgb = scene.shade(cv, style, noise(t))
+        yield t, cv, rgb, flow
+        prev = cv
+
+
 def write_viper(out: Path, seed: int, size, seqs: int, val_seqs: int, frames: int,
-                first: int, bar) -> int:
+                first: int, bar, flow: bool = True) -> int:
+    """VIPER train/val sequences; with ``flow``, the forward flow t → t+1 of every frame but
+    the last in VIPER's format (``flow/SSS/SSS_NNNNN.npz``)."""
     lut, pal, n = _lut(VIPER_IDS), _viper_palette(), 0
     for si, (split, count) in enumerate((("train", seqs), ("val", val_seqs))):
         for k in range(count):
             seq = f"{k + 1:03d}"
             scene_rng, noise = _rngs(seed, 0, si, k)
             scene = Scene(scene_rng, ego="ego", riders=False)
-            for d in ("img", "cls"):
+            for d in ("img", "cls") + (("flow",) if flow else ()):
                 (out / split / d / seq).mkdir(parents=True, exist_ok=True)
-            for t in range(first, first + frames):
-                cls, _, rgb = scene.render(t, size[0], size[1], VIPER_STYLE, noise(t))
+            for t, cv, rgb, fl in _frames(scene, range(first, first + frames), size,
+                                          VIPER_STYLE, noise):
                 Image.fromarray(rgb).save(out / split / "img" / seq / f"{seq}_{t:05d}.jpg",
                                           quality=92)
-                lab = Image.fromarray(lut[cls])
+                lab = Image.fromarray(lut[cv.cls])
                 lab.putpalette(pal)  # mode 'P', index = VIPER id
                 lab.save(out / split / "cls" / seq / f"{seq}_{t:05d}.png")
+                if flow and fl is not None:
+                    write_viper_flow(out / split / "flow" / seq / f"{seq}_{t - 1:05d}.npz", fl)
                 n += 1
                 bar.update()
     return n
 
 
 def write_cityscapes(out: Path, seed: int, size, n_train: int, n_val: int, context: int,
-                     bar, val_frames: int = CS_SNIPPET) -> int:
+                     bar, val_frames: int = CS_SNIPPET, flow: bool = True) -> int:
     """Train snippets: the `context` frames before the annotated one and it; val snippets:
     `val_frames` frames from the first (the real ones: 30, frames 0..29, the 20th labelled), so
-    that keyframe distances up to 19 and temporal consistency can be evaluated."""
+    that keyframe distances up to 19 and temporal consistency can be evaluated. With ``flow``,
+    the forward flow t → t+1 of every frame but a snippet's last, as Middlebury ``.flo`` in
+    ``flow_synthetic/`` (synthetic only: real Cityscapes has no ground-truth flow)."""
     lut, n, f = _lut(CITYSCAPES_IDS), 0, 19  # annotated: the 20th frame of a snippet
     for si, (split, count, cities) in enumerate((("train", n_train, TRAIN_CITIES),
                                                  ("val", n_val, VAL_CITIES))):
@@ -100,15 +124,17 @@ def write_cityscapes(out: Path, seed: int, size, n_train: int, n_val: int, conte
             scene = Scene(scene_rng, ego="ego")
             img_dir = out / "leftImg8bit_sequence" / split / city
             gt_dir = out / "gtFine" / split / city
-            img_dir.mkdir(parents=True, exist_ok=True)
-            gt_dir.mkdir(parents=True, exist_ok=True)
-            for t in span:
-                cls, _, rgb = scene.render(t, size[0], size[1], CITYSCAPES_STYLE, noise(t))
+            flow_dir = out / CS_FLOW_DIR / split / city
+            for d in (img_dir, gt_dir) + ((flow_dir,) if flow else ()):
+                d.mkdir(parents=True, exist_ok=True)
+            for t, cv, rgb, fl in _frames(scene, span, size, CITYSCAPES_STYLE, noise):
                 Image.fromarray(rgb).save(img_dir / f"{city}_{seq}_{t:06d}_leftImg8bit.png",
                                           compress_level=1)  # fast zlib level, same format
                 if t == f:
-                    Image.fromarray(lut[cls]).save(gt_dir / f"{city}_{seq}_{t:06d}"
-                                                   "_gtFine_labelIds.png")
+                    Image.fromarray(lut[cv.cls]).save(gt_dir / f"{city}_{seq}_{t:06d}"
+                                                      "_gtFine_labelIds.png")
+                if flow and fl is not None:
+                    write_flo(flow_dir / f"{city}_{seq}_{t - 1:06d}_flow.flo", fl)
                 n += 1
                 bar.update()
     return n
@@ -135,9 +161,11 @@ def write_synthia(out: Path, seed: int, size, frames: int, layout: str, bar) -> 
 
 def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, tiny: bool = False,
              sizes: dict | None = None, synthia_layout: str = "original", progress: bool = False,
-             **counts) -> dict[str, int]:
+             flow: bool = True, **counts) -> dict[str, int]:
     """Write the synthetic trees under ``out_dir`` (``VIPER/``, ``Cityscapes/``,
-    ``SynthiaSeq/SEQS-04-DAWN/``); returns the number of frames written per dataset.
+    ``SynthiaSeq/SEQS-04-DAWN/``); returns the number of frames written per dataset. With
+    ``flow`` (default) the ground-truth forward flow of VIPER (``flow/``, VIPER's ``.npz``) and
+    of the Cityscapes-layout target (``flow_synthetic/``, ``.flo``) is written too.
 
     ``counts`` override the defaults (``DEFAULTS``, or ``TINY`` with ``tiny=True``): viper_seqs,
     viper_val_seqs, frames_per_seq, viper_first_frame, cs_train, cs_val, cs_context,
@@ -163,11 +191,11 @@ def generate(out_dir, seed: int = 0, datasets=DATASETS, native: bool = False, ti
         if "viper" in datasets:
             written["viper"] = write_viper(out / "VIPER", seed, sz["viper"], c["viper_seqs"],
                                            c["viper_val_seqs"], c["frames_per_seq"],
-                                           c["viper_first_frame"], bar)
+                                           c["viper_first_frame"], bar, flow)
         if "cityscapes" in datasets:
             written["cityscapes"] = write_cityscapes(out / "Cityscapes", seed, sz["cityscapes"],
                                                      c["cs_train"], c["cs_val"], c["cs_context"],
-                                                     bar, c["cs_val_frames"])
+                                                     bar, c["cs_val_frames"], flow)
         if "synthia_seq" in datasets:
             written["synthia_seq"] = write_synthia(out / "SynthiaSeq" / "SEQS-04-DAWN", seed,
                                                    sz["synthia_seq"], c["synthia_frames"],
@@ -183,7 +211,15 @@ def _size(text: str) -> tuple[int, int]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m sfc.data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="data root to write (VIPER/, Cityscapes/, ...)")
+    p.add_argument("--out", help="data root to write (VIPER/, Cityscapes/, ...)")
+    p.add_argument("--flying-chairs", metavar="DIR",
+                   help="instead: write a synthetic Flying Chairs set in the real layout under "
+                        "DIR (FlyingChairs_release/data/, FlyingChairs_train_val.txt)")
+    p.add_argument("--count", type=int, default=2000, help="--flying-chairs: samples (2000)")
+    p.add_argument("--chairs-size", type=_size, default=CHAIRS_SIZE, metavar="WxH",
+                   help="--flying-chairs: image size (default 512x384, the real one)")
+    p.add_argument("--no-flow", dest="flow", action="store_false",
+                   help="skip the ground-truth flow files")
     p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS,
                    help="which trees to write")
@@ -208,8 +244,17 @@ def main(argv=None) -> None:
                         "the real ones: the 20th labelled)")
     p.add_argument("--synthia-frames", type=int, help="SYNTHIA-Seq frames (default 60)")
     a = p.parse_args(argv)
+    if a.flying_chairs:
+        if a.count < VAL_EVERY or min(a.chairs_size) < 16:
+            p.error(f"--count must be >= {VAL_EVERY} and --chairs-size at least 16x16")
+        n = write_flying_chairs(a.flying_chairs, a.count, a.chairs_size, a.seed, progress=True)
+        print(f"wrote {n} Flying Chairs samples under {a.flying_chairs}")
+        return
+    if not a.out:
+        p.error("--out DIR is required (or --flying-chairs DIR)")
     counts = {k: getattr(a, k) for k in DEFAULTS if getattr(a, k) is not None}
     sizes = {ds: getattr(a, f"{ds}_size") for ds in DATASETS if getattr(a, f"{ds}_size")}
     n = generate(a.out, seed=a.seed, datasets=a.datasets, native=a.native, tiny=a.tiny,
-                 sizes=sizes, synthia_layout=a.synthia_layout, progress=True, **counts)
+                 sizes=sizes, synthia_layout=a.synthia_layout, progress=True, flow=a.flow,
+                 **counts)
     print(f"wrote {n} frames under {a.out}")
