@@ -410,3 +410,35 @@ def test_middlebury_stereo_pair_zero_baseline_is_the_mean_disparity():
     res = evaluate_flow(constant_flownet(-float(disp[ok].mean()), 0), DataLoader(ds),
                         progress=False)
     assert res["epe"] < 0.5 * res["epe_zero"]
+
+
+def test_premise_command(tiny_data, tmp_path):
+    """`python -m sfc.evaluate.premise`: a FlowNetS on the source's and the target's ground
+    truth (a zero network scores exactly the zero baseline on both), a SegNet on both val sets;
+    bad input is one line, exit 2."""
+    from sfc.models import DeepLabV2
+
+    torch.save(constant_flownet(0, 0).state_dict(), tmp_path / "zero.pth")
+    torch.save(DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8).state_dict(),
+               tmp_path / "seg.pth")
+    r = subprocess.run([sys.executable, "-m", "sfc.evaluate.premise", "--data", str(tiny_data),
+                        "--flownet", str(tmp_path / "zero.pth"), "--segnet",
+                        str(tmp_path / "seg.pth"), "--source-size", "48", "27",
+                        "--target-size", "48", "24", "--json", str(tmp_path / "p.json"),
+                        "--no-progress", "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "p.json").read_text())
+    f = rec["flownets"][0]
+    for dom in ("source", "target"):
+        assert f[dom]["epe"] == pytest.approx(f[dom]["epe_zero"], rel=1e-6)
+        assert f[dom]["epe_zero"] > 0.3 and f[dom]["num_pairs"] > 0
+    assert f["source"]["flow_set"] == "viper" and f["source"]["split"] == "val"
+    assert f["epe_ratio_target_source"] == pytest.approx(f["target"]["epe"] / f["source"]["epe"])
+    s = rec["segnets"][0]
+    assert s["miou_drop"] == pytest.approx(s["source"]["miou"] - s["target"]["miou"])
+    assert "SFC's premise" in r.stdout and "tgt/src" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "sfc.evaluate.premise", "--data", str(tiny_data),
+                          "--flownet", str(tmp_path / "missing.pth")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.pth" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

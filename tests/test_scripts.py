@@ -35,8 +35,9 @@ SCRIPTS = {
          {"--update-ckpt": "SFC/stage_one/update", "--reference-ckpt": "SFC/stage_one/reference",
           "--flownet-ckpt": "FlowNet_pretrain/stage_two/train", "--sfm-ckpt": "SFM/train"}),
 }
-ITERS = {"FlowNet_chairs": "300000", "FlowNet_pretrain/stage_one": "80000", "FlowNet_pretrain/stage_two": "80000",
-         "SFM": "80000", "SFC/stage_one": "120000", "SFC/stage_two": "160000"}
+ITERS = {"FlowNet_chairs": "300000", "FlowNet_pretrain/stage_one": "80000",
+         "FlowNet_pretrain/stage_two": "80000", "SFM": "80000", "SFC/stage_one": "120000",
+         "SFC/stage_two": "160000"}
 
 
 def _run(script, tmp_path, *args, **env):

@@ -169,19 +169,19 @@ def _f(d: dict, key: str, fmt: str) -> str:
 
 def format_premise(rec: dict) -> str:
     out = ["SFC's premise: flow error across domains vs segmentation accuracy across domains",
-           f"{'FlowNetS':<44}{'EPE src':>9}{'zero src':>9}{'EPE tgt':>9}{'zero tgt':>9}"
+           f"{'FlowNetS':<50}{'EPE src':>9}{'zero src':>9}{'EPE tgt':>9}{'zero tgt':>9}"
            f"{'tgt/src':>9}{'EPE real':>10}{'zero real':>10}"]
     for r in rec["flownets"]:
         s, t, real = r.get("source", {}), r.get("target", {}), r.get("real", {})
         ratio = f"{r['epe_ratio_target_source']:.2f}" if "epe_ratio_target_source" in r else "—"
-        out.append(f"{r['label'][:43]:<44}{_f(s, 'epe', '{:.3f}'):>9}"
+        out.append(f"{r['label'][:49]:<50}{_f(s, 'epe', '{:.3f}'):>9}"
                    f"{_f(s, 'epe_zero', '{:.3f}'):>9}{_f(t, 'epe', '{:.3f}'):>9}"
                    f"{_f(t, 'epe_zero', '{:.3f}'):>9}{ratio:>9}{_f(real, 'epe', '{:.3f}'):>10}"
                    f"{_f(real, 'epe_zero', '{:.3f}'):>10}")
     if rec["segnets"]:
-        out += ["", f"{'SegNet':<44}{'mIoU src':>10}{'mIoU tgt':>10}{'drop':>8}"]
+        out += ["", f"{'SegNet':<50}{'mIoU src':>10}{'mIoU tgt':>10}{'drop':>8}"]
         for r in rec["segnets"]:
-            out.append(f"{r['label'][:43]:<44}{100 * r['source']['miou']:>10.1f}"
+            out.append(f"{r['label'][:49]:<50}{100 * r['source']['miou']:>10.1f}"
                        f"{100 * r['target']['miou']:>10.1f}{100 * r['miou_drop']:>8.1f}")
     out.append("EPE in pixels of the evaluated size; mIoU in %. The premise holds where "
                "tgt/src is near 1 while the mIoU drops.")
