@@ -1,4 +1,4 @@
-"""Loaders for foreign checkpoint formats, one named function each (SPEC §3.1, §3.2, §5).
+"""Loaders for foreign checkpoint formats, one named function each (method §3.1, §3.2, §5).
 
 Every loader reads with `torch.load(weights_only=True, map_location='cpu')`, loads with
 `strict=True` semantics (every model key must come from the file, shapes must match; only
@@ -118,7 +118,7 @@ def _finish(path, what: str) -> str:
 
 def load_deeplab_init(model: nn.Module, path) -> str:
     """DeepLab-v2 ImageNet/COCO init (`DeepLab_resnet_pretrained_init-f81d91e8.pth` or ADVENT's
-    `DeepLab_resnet_pretrained_imagenet.pth`) into a `DeepLabV2`. SPEC §3.1: the one leading key
+    `DeepLab_resnet_pretrained_imagenet.pth`) into a `DeepLabV2`. method §3.1: the one leading key
     component (`Scale.`) is stripped, keys whose second component is `layer5` (the file's own
     classifier) are skipped; the model's `layer5`/`layer6` keep their init. Returns the SHA-256.
     """
@@ -134,7 +134,7 @@ def load_deeplab_init(model: nn.Module, path) -> str:
 
 
 def load_flownet_chairs(model: nn.Module, path) -> str:
-    """Flying Chairs FlowNetS (`flownet_flyingchairs_pretrained.pth`), strict. SPEC §3.2."""
+    """Flying Chairs FlowNetS (`flownet_flyingchairs_pretrained.pth`), strict. method §3.2."""
     sd = read_state_dict(path)
     load_exact(model, sd, path, "FlowNetS state dict: 'conv1.0.weight', 'predict_flow2.weight', …")
     return _finish(path, "Flying Chairs FlowNetS")

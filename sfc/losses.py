@@ -1,4 +1,4 @@
-"""Losses of SFC (SPEC §4). Each returns an unweighted scalar; stages apply their weights.
+"""Losses of SFC (method §4). Each returns an unweighted scalar; stages apply their weights.
 
 Frozen networks: `flownet_global` runs under `torch.no_grad()` (its flow is the detached
 target). The SFM runs through `torch.func.functional_call` with *detached* parameters, so the
@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from sfc.models.deeplab import upsample_like
 
-AUX_WEIGHT = 0.1  # multi-level: main + 0.1 · aux (SPEC §4)
+AUX_WEIGHT = 0.1  # multi-level: main + 0.1 · aux (method §4)
 IGNORE = -1
 
 
@@ -85,7 +85,7 @@ def segmentation_based_flow(masks_prev: torch.Tensor, masks_cur: torch.Tensor,
                             img_prev: torch.Tensor, img_cur: torch.Tensor, sfm: nn.Module,
                             present: torch.Tensor | None = None,
                             frozen_sfm: bool = True) -> torch.Tensor:
-    """SF = Σ_c SFM(cat[img_t·M_t^c, img_{t-1}·M_{t-1}^c]) per sample (SPEC §3.5) → `B×2×h×w`.
+    """SF = Σ_c SFM(cat[img_t·M_t^c, img_{t-1}·M_{t-1}^c]) per sample (method §3.5) → `B×2×h×w`.
 
     masks `B×C×H×W`, images `B×3×H×W` (flow-normalised). All classes run as one `B·C` batch.
     `present` (`B×C` bool): sum only these classes (absent ones are not run, contributing
@@ -132,7 +132,7 @@ def _sf_from_logits(logits_prev, logits_cur, img_prev, img_cur, sfm, scale):
 
 def sfc_loss(logits_prev, logits_cur, img_prev: torch.Tensor, img_cur: torch.Tensor,
              flownet_global: nn.Module, sfm: nn.Module, scale: float = 100.0) -> torch.Tensor:
-    """Stage-one SFC loss: `EPE(SF(P_{t-1}, P_t), OF)`, unmasked (SPEC §4).
+    """Stage-one SFC loss: `EPE(SF(P_{t-1}, P_t), OF)`, unmasked (method §4).
 
     logits `B×C×h×w` (upsampled to the image size here) or `(main, aux)` tuples →
     `EPE(SF_main, OF) + 0.1·EPE(SF_aux, OF)`. Images `B×3×H×W`, flow-normalised.
@@ -158,7 +158,7 @@ def one_hot_masks(gt: torch.Tensor, num_classes: int) -> torch.Tensor:
 def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tensor,
              gt_cur: torch.Tensor, flownet_global: nn.Module, sfm: nn.Module,
              gt_down4x: torch.Tensor | None = None) -> torch.Tensor:
-    """SFM pre-training loss: `EPE(SF_gt, OF)` masked by `gt_down4x` (SPEC §4).
+    """SFM pre-training loss: `EPE(SF_gt, OF)` masked by `gt_down4x` (method §4).
 
     gt_prev/gt_cur `B×H×W` labels at image size (-1 ignore); one-hot masks; only classes present
     in either label (per sample) are summed. gt_down4x `B×⌈H/4⌉×⌈W/4⌉` current label on the flow
@@ -183,7 +183,7 @@ def accel_sfc_loss(seg_clip: torch.Tensor, flow_clip: torch.Tensor,
                    seg_clip_prev: torch.Tensor, flow_clip_prev: torch.Tensor, accel: nn.Module,
                    flownet_global: nn.Module, sfm: nn.Module,
                    scale: float = 100.0) -> torch.Tensor:
-    """Stage-two SFC loss (SPEC §4): Accel predicts frame t from `(seg_clip, flow_clip)` (frames
+    """Stage-two SFC loss (method §4): Accel predicts frame t from `(seg_clip, flow_clip)` (frames
     t-1, t) and frame t-1 from the `_prev` clips (t-2, t-1); SF from both predictions' soft
     masks on the flow images of t-1 and t; `EPE(SF, OF)`, no aux. Clips `B×3×T×H×W`.
 

@@ -1,18 +1,18 @@
-"""Label maps and protocols against SPEC §2, entry by entry (expected values typed from it)."""
+"""Label maps and protocols against method §2, entry by entry (expected values typed from it)."""
 
 import numpy as np
 import pytest
 
 from sfc.data import classes as C
 
-# SPEC §2.2: VIPER id -> train id
+# method §2.2: VIPER id -> train id
 SPEC_VIPER = {3: 0, 4: 1, 9: 2, 11: 3, 13: 4, 14: 5, 7: 6, 8: 6, 6: 7, 2: 8, 20: 9, 24: 10,
               27: 11, 26: 12, 23: 13, 22: 14}
-# SPEC §2.3: Cityscapes labelId -> train id, 15 classes (rider 25 -> person 9) and 12 classes
+# method §2.3: Cityscapes labelId -> train id, 15 classes (rider 25 -> person 9) and 12 classes
 SPEC_CS15 = {7: 0, 8: 1, 11: 2, 13: 3, 19: 4, 20: 5, 21: 6, 22: 7, 23: 8, 24: 9, 25: 9, 26: 10,
              27: 11, 28: 12, 32: 13, 33: 14}
 SPEC_CS12 = {7: 0, 8: 1, 11: 2, 13: 3, 17: 4, 19: 5, 20: 6, 21: 7, 23: 8, 24: 9, 25: 10, 26: 11}
-# SPEC §2.4: SYNTHIA id -> train id (11 bicycle -> 10 "rider")
+# method §2.4: SYNTHIA id -> train id (11 bicycle -> 10 "rider")
 SPEC_SYNTHIA = {3: 0, 4: 1, 2: 2, 5: 3, 7: 4, 15: 5, 9: 6, 6: 7, 1: 8, 10: 9, 11: 10, 8: 11}
 
 

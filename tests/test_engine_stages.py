@@ -1,4 +1,4 @@
-"""What each stage does in one training step (SPEC §5, quirks 2, 6, 7), on fake batches."""
+"""What each stage does in one training step (method §5, quirks 2, 6, 7), on fake batches."""
 
 import pytest
 import torch

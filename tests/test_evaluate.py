@@ -1,4 +1,4 @@
-"""Evaluation loops: numbers equal those computed by hand from argmax predictions (SPEC §6)."""
+"""Evaluation loops: numbers equal those computed by hand from argmax predictions (method §6)."""
 
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """The release's defaults (issue 11, item 10): per-stage iterations, distinct data orders for
 distinct seeds, the SFM's 460-frame VIPER val list; and every hyper-parameter of the seven
-scripts against SPEC §5."""
+scripts against method §5."""
 
 import os
 import shlex
@@ -116,7 +116,7 @@ def test_sfm_val_uses_the_release_list_when_its_frames_exist(tree, tmp_path, mon
             tree / "VIPER" / "val" / "img" / picks[1][0] / f"{picks[1][0]}_{picks[1][1]:05d}.jpg")
 
 
-# ---- every hyper-parameter of the seven scripts (SPEC §5) --------------------------------
+# ---- every hyper-parameter of the seven scripts (method §5) --------------------------------
 COMMON = {"--momentum": "0.9", "--batch-size": "1"}
 SEGNET = {**COMMON, "--stage": "segnet", "--lr": "2.5e-4", "--weight-decay": "5e-4",
           "--optimizer": "release", "--eval-every": "2000"}

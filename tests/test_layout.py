@@ -107,8 +107,9 @@ def test_import_rule_checker_catches_violations():
 def test_top_level_is_parts_and_shared_modules_only():
     top = sorted(p.name for p in (REPO / "sfc").iterdir()
                  if p.name != "__pycache__" and not p.name.endswith(".egg-info"))
-    assert top == ["__init__.py", "bench", "checkpoints.py", "data", "demo", "dist.py",
-                   "evaluate", "flags.py", "losses.py", "models", "predict", "train", "vis.py"]
+    assert top == ["__init__.py", "__main__.py", "bench", "checkpoints.py", "data", "demo",
+                   "dist.py", "evaluate", "flags.py", "losses.py", "models", "predict", "train",
+                   "vis.py"]
 
 
 def test_public_names_stay_where_the_readme_says():
@@ -193,3 +194,37 @@ def test_python_dash_m_commands_keep_their_names(module, monkeypatch, capsys):
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert exit_.value.code in (0, None)
     assert capsys.readouterr().out.startswith("usage: ")
+
+
+def test_python_m_sfc_lists_every_command():
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sfc.__main__ import COMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "sfc"], capture_output=True, text=True,
+                         check=True).stdout
+    scripts = _pyproject()["project"]["scripts"]
+    for cmd, script, _ in COMMANDS:
+        mod = cmd.split()[-1]
+        assert cmd in out and importlib.util.find_spec(mod) is not None, mod
+        if script:
+            assert script in scripts and scripts[script].startswith(mod)
+    assert set(scripts) <= {s for _, s, _ in COMMANDS}
+
+
+def test_no_text_points_outside_the_repository():
+    """The method doc lives in the repository (docs/method.md): nothing cites a SPEC file or a
+    shared folder the users do not have."""
+    import re
+
+    bad = re.compile(r"SPEC(\.md| ?§| \d)|\.\./shared|shared/SPEC")
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".sh", ".toml", ".txt")
+             and ".venv" not in p.parts and "save_results" not in p.parts
+             and "data" not in p.parts[len(REPO.parts):len(REPO.parts) + 1]]
+    hits = [f"{p.relative_to(REPO)}:{n}" for p in files
+            for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+            if bad.search(line) and p.name != "test_layout.py"]
+    assert not hits, hits
+    assert (REPO / "docs" / "method.md").is_file()

@@ -1,4 +1,4 @@
-"""Losses (SPEC §4) against plain loops written here, frozen-net behaviour, dtypes."""
+"""Losses (method §4) against plain loops written here, frozen-net behaviour, dtypes."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""Confusion matrix, IoU and the result writers against hand-computed values (SPEC §6)."""
+"""Confusion matrix, IoU and the result writers against hand-computed values (method §6)."""
 
 import csv
 import json

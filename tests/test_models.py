@@ -1,5 +1,5 @@
 """DeepLabV2 and FlowNetS: release keys/shapes, counts, output sizes, and a functional reference
-forward written from SPEC §3.1/§3.2 (independent of the modules' code)."""
+forward written from method §3.1/§3.2 (independent of the modules' code)."""
 
 import math
 
@@ -110,7 +110,7 @@ def _ref_bn(x, bn):
 
 
 def _ref_deeplab(m, x, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)):
-    """DeepLab-v2 forward written from SPEC §3.1 with F.* calls on the module's weights."""
+    """DeepLab-v2 forward written from method §3.1 with F.* calls on the module's weights."""
     x = F.relu(_ref_bn(F.conv2d(x, m.conv1.weight, stride=2, padding=3), m.bn1))
     x = F.max_pool2d(x, 3, 2, 1, ceil_mode=False)
     feats = []
@@ -161,7 +161,7 @@ def test_deeplab_rejects_bad_input():
 def test_flownet_keys_and_count():
     f = FlowNetS()
     sd = f.state_dict()
-    assert sum(p.numel() for p in f.parameters()) == 5_462_674  # ≈ 5.46 M (SPEC §3.2)
+    assert sum(p.numel() for p in f.parameters()) == 5_462_674  # ≈ 5.46 M (method §3.2)
     expected = {
         "conv1.0.weight": (24, 6, 7, 7), "conv3_1.0.bias": (96,),
         "conv6_1.0.weight": (384, 384, 3, 3), "deconv5.0.weight": (384, 192, 4, 4),
@@ -176,7 +176,7 @@ def test_flownet_keys_and_count():
 
 
 def _ref_flownet(f, x):
-    """FlowNetS from SPEC §3.2; the "antipad" crop written as a padding-1 transposed conv
+    """FlowNetS from method §3.2; the "antipad" crop written as a padding-1 transposed conv
     truncated to the skip size (an independent formulation of the same rule)."""
     def conv(seq, x, s, k):
         c = seq[0]

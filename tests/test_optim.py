@@ -1,4 +1,4 @@
-"""The release's optimisers and LR rules (SPEC §3.1, §5, quirks 3 and 11)."""
+"""The release's optimisers and LR rules (method §3.1, §5, quirks 3 and 11)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""warp (SPEC §3.3) against a per-pixel clamped-corner reference, gradients, and Accel (§3.4)."""
+"""warp (method §3.3) against a per-pixel clamped-corner reference, gradients, and Accel (§3.4)."""
 
 import inspect
 import math

@@ -2,7 +2,7 @@
 
 * `cli`: the command line (`python -m sfc.bench`, `sfc-bench`);
 * `steps`: the real `sfc.train.stages` stages on synthetic batches, stepped as the engine does;
-* `measure`: timing, memory, FLOP counting, the full-pipeline extrapolation (SPEC §5);
+* `measure`: timing, memory, FLOP counting, the full-pipeline extrapolation (method §5);
 * `reference`: the release-style SFC stage-one and SFM steps (one SFM call per class, frozen
   nets under autograd) that the project's steps are compared with;
 * `run`: one stage's measurement, and the release-style reference (`sfc.bench.reference`) in

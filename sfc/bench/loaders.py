@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-# loader name → (dataset, constructor kwargs): the training loaders of SPEC §5 at their sizes,
+# loader name → (dataset, constructor kwargs): the training loaders of method §5 at their sizes,
 # as `sfc.train` builds them (raw uint8 clips, normalised on the device after the copy), and
 # for comparison VIPER with the float32 normalisation in the worker (the datasets' default).
 LOADERS = {

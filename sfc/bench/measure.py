@@ -1,4 +1,4 @@
-"""Timing, memory and FLOP measurement, and the full-pipeline extrapolation (SPEC §5).
+"""Timing, memory and FLOP measurement, and the full-pipeline extrapolation (method §5).
 
 Units: seconds, bytes (reported as GiB), FLOP (one multiply-add = 2 FLOP, as
 `torch.utils.flop_counter` counts them).
@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 GIB = 2 ** 30
 
-# The release's pipeline (SPEC §5): (run, bench kind, iterations, eval every, val images).
+# The release's pipeline (method §5): (run, bench kind, iterations, eval every, val images).
 # Validation: Cityscapes val (500 clips) every 2,000 iterations; SFM: VIPER val every 4,000
 # (the release's list has 460 entries). The last evaluation falls on the last iteration.
 PIPELINE = (

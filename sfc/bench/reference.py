@@ -1,7 +1,7 @@
 """A release-style reference of the SFC stage-one and SFM training steps, kept only so that
 `python -m sfc.bench --reference` can check the project's loss values against it and time both.
 
-What makes it "release-style" (how the authors' code computed these losses; SPEC §3.5, §4 and
+What makes it "release-style" (how the authors' code computed these losses; method §3.5, §4 and
 quirks 6, 7, 8), in contrast to `sfc.losses` / `sfc.train.stages`:
 * segmentation-based flow: a Python loop of one SFM call per class (and per sample), each on a
   `1×6×H×W` input, summed; SFM pre-training skips the classes absent from both labels;
@@ -16,7 +16,7 @@ quirks 6, 7, 8), in contrast to `sfc.losses` / `sfc.train.stages`:
 Soft masks, EPE and the one-hot masks are written out again here (not imported from
 `sfc.losses`) so that the equality check compares two independent implementations.
 The optimiser is the project's `RepeatedSGD`/Adam (the release's duplicated-list SGD, emulated
-exactly; SPEC §3.1) — the optimiser is not what the reference is about.
+exactly; method §3.1) — the optimiser is not what the reference is about.
 """
 
 from __future__ import annotations

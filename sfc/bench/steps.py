@@ -6,9 +6,9 @@ exactly `Stage.train_step` plus the optimiser step as `sfc.train.engine` runs th
     train_mode → set LR → zero_grad(set_to_none) → train_step(src, tgt) → optimizer.step().
 Inputs that the real stages read from earlier runs (stage-one SegNets, the stage-two FlowNet,
 the SFM) are random-init networks written to a temporary folder in the release's file formats.
-Batches are synthetic tensors of the dataset items' shapes (SPEC §2), already on the device.
+Batches are synthetic tensors of the dataset items' shapes (method §2), already on the device.
 
-| bench kind | release run (SPEC §5)      | stage  | sfc weight | source clip     | target clip |
+| bench kind | release run (method §5)      | stage  | sfc weight | source clip     | target clip |
 |------------|----------------------------|--------|------------|-----------------|-------------|
 | segnet     | FlowNet_pretrain stage one | segnet | 0          | 2 frames        | —           |
 | segnet_sfc | SFC stage one              | segnet | 0.005      | 2 frames        | 2 frames    |
@@ -112,7 +112,7 @@ def build(kind: str, bc: BenchConfig, ckpt_dir: Path | None = None, log=lambda s
     return stage
 
 
-# ---- synthetic batches (shapes of the dataset items, SPEC §2; batch 1) --------------------
+# ---- synthetic batches (shapes of the dataset items, method §2; batch 1) --------------------
 def _labels(n: int, hw, num_classes: int, g: torch.Generator) -> torch.Tensor:
     """(n, H, W) int64 blocky labels (16×16-pixel cells) with every class and some ignore."""
     h, w = hw

@@ -1,4 +1,4 @@
-"""Datasets read from their real on-disk layouts (SPEC §2), and a synthetic generator.
+"""Datasets read from their real on-disk layouts (method §2), and a synthetic generator.
 
 ``make_dataset("viper", data_root, split="train", size=...)`` builds a dataset from the data
 root (``SFC_DATA``, default ``data/``), whose sub-folders are ``DATASET_DIRS``.

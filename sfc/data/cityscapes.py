@@ -1,4 +1,4 @@
-"""Cityscapes-Seq (target and evaluation), SPEC §2.3.
+"""Cityscapes-Seq (target and evaluation), method §2.3.
 
 Layout: ``Cityscapes/leftImg8bit_sequence/{train,val}/CITY/CITY_SSSSSS_FFFFFF_leftImg8bit.png``
 and ``Cityscapes/gtFine/{train,val}/CITY/CITY_SSSSSS_FFFFFF_gtFine_labelIds.png``. Annotated frames

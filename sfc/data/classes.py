@@ -1,10 +1,10 @@
-"""Class names, Cityscapes colours, evaluation protocols and label lookup tables (SPEC §2).
+"""Class names, Cityscapes colours, evaluation protocols and label lookup tables (method §2).
 
 Every label map of the project is a NumPy lookup table (LUT) of length 256 indexed by the
 dataset's own class id (uint8) and holding the train id (int64, ``IGNORE`` = -1 elsewhere):
 ``train = LUT[ids]`` maps a whole label in one indexing operation.
 
-Provenance: the maps are SPEC §2.2 (VIPER), §2.3 (Cityscapes, 15 and 12 classes) and §2.4
+Provenance: the maps are method §2.2 (VIPER), §2.3 (Cityscapes, 15 and 12 classes) and §2.4
 (SYNTHIA-Seq, the DA-VSN/TPS protocol, including its bicycle→"rider" quirk).
 """
 
@@ -36,7 +36,7 @@ CLASSES_12 = [
     "vegetation", "sky", "person", "rider", "car",
 ]
 
-# --- dataset id -> train id (SPEC §2) ------------------------------------------------------
+# --- dataset id -> train id (method §2) ------------------------------------------------------
 VIPER_TO_15 = {3: 0, 4: 1, 9: 2, 11: 3, 13: 4, 14: 5, 7: 6, 8: 6, 6: 7, 2: 8, 20: 9, 24: 10,
                27: 11, 26: 12, 23: 13, 22: 14}
 CITYSCAPES_TO_15 = {7: 0, 8: 1, 11: 2, 13: 3, 19: 4, 20: 5, 21: 6, 22: 7, 23: 8, 24: 9,
@@ -53,7 +53,7 @@ VIPER_NUM_IDS = 32       # 0 unlabelled ... 31 boat
 CITYSCAPES_NUM_IDS = 34  # labelIds 0 unlabelled ... 33 bicycle (-1 licence plate is not stored)
 SYNTHIA_NUM_IDS = 23     # 0 void ... 22; SEQS uses 0-15, later SYNTHIA releases up to 22
 
-VIPER_CAR_ID = 24  # the id whose bottom-centre component is the ego vehicle (SPEC §2.2)
+VIPER_CAR_ID = 24  # the id whose bottom-centre component is the ego vehicle (method §2.2)
 
 
 def build_lut(mapping: dict[int, int], size: int = 256) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Image pairs with ground-truth optical flow, for training and evaluating FlowNets
 (docs/flow.md).
 
-Every item is ``{"img1", "img2"}`` — (3, H, W) float32, FlowNet-normalised (BGR / 255, SPEC
+Every item is ``{"img1", "img2"}`` — (3, H, W) float32, FlowNet-normalised (BGR / 255, method
 §2.1) — ``"flow_gt"`` (2, H, W) float32, the flow of image 1's pixels into image 2 in pixels of
 the item's size, NaN where invalid, and ``"name"``. FlowNetS computes exactly that flow from
 ``cat[img1, img2]`` (SFC feeds ``cat[frame_t, frame_{t-1}]``: the flow of frame t into t-1).
@@ -40,7 +40,7 @@ from sfc.data.io import (
 FLOW_SETS = ("flying_chairs", "viper", "synthetic_target", "middlebury_stereo")
 CHAIRS_DIR = "FlyingChairs"  # under the data root
 CHAIRS_LIST = "FlyingChairs_train_val.txt"
-# the size each set is evaluated at by default: the stage's (SPEC §2), or the files' own
+# the size each set is evaluated at by default: the stage's (method §2), or the files' own
 DEFAULT_SIZES = {"flying_chairs": None, "viper": (1280, 720), "synthetic_target": (1024, 512),
                  "middlebury_stereo": None}
 DEFAULT_SPLITS = {"flying_chairs": "val", "viper": "train", "synthetic_target": "val",

@@ -1,4 +1,4 @@
-"""Decoding, resizing and normalising frames and labels (SPEC §2.1), shared by the datasets.
+"""Decoding, resizing and normalising frames and labels (method §2.1), shared by the datasets.
 
 Filters are the release's: PIL ``BICUBIC`` for images, PIL ``NEAREST`` for labels. Every read
 failure becomes a ``DatasetError`` that names the file and what was expected.
@@ -86,7 +86,7 @@ def read_synthia_label(path: Path) -> np.ndarray:
     """(H, W) uint8 SYNTHIA class ids from a 16-bit multi-channel PNG: the R channel.
 
     OpenCV returns BGR(A) order, so R is index 2 — not "the last channel", which is alpha in a
-    4-channel file. PIL cannot read 16-bit RGB PNGs (SPEC §2.4).
+    4-channel file. PIL cannot read 16-bit RGB PNGs (method §2.4).
     """
     if not Path(path).is_file():
         raise DatasetError(f"missing file {path}")
@@ -119,7 +119,7 @@ def resize_label(ids: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def quarter_size(size: tuple[int, int]) -> tuple[int, int]:
-    """(W, H) of the flow grid: ceil(W/4), ceil(H/4) — FlowNetS's output size (SPEC §3.2)."""
+    """(W, H) of the flow grid: ceil(W/4), ceil(H/4) — FlowNetS's output size (method §3.2)."""
     return math.ceil(size[0] / 4), math.ceil(size[1] / 4)
 
 
@@ -182,7 +182,7 @@ _DEVICE_LUTS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 def normalise_bgr(bgr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw clips `(..., 3, T, H, W)` uint8 BGR (any device) -> ("seg", "flow") float32 of the
-    same shape, equal to what the datasets return without `raw` (SPEC §2.1)."""
+    same shape, equal to what the datasets return without `raw` (method §2.1)."""
     if bgr.dtype != torch.uint8 or bgr.dim() < 4 or bgr.shape[-4] != 3:
         raise ValueError(f"normalise_bgr expects (..., 3, T, H, W) uint8 BGR clips, got "
                          f"{bgr.dtype} {tuple(bgr.shape)}")

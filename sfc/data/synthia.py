@@ -1,4 +1,4 @@
-"""SYNTHIA-Seq (source, 12 train classes / 11 evaluated), SPEC §2.4 — the DA-VSN/TPS protocol.
+"""SYNTHIA-Seq (source, 12 train classes / 11 evaluated), method §2.4 — the DA-VSN/TPS protocol.
 
 Root: ``SynthiaSeq/SEQS-04-DAWN``, in either layout:
 * original: ``RGB/Stereo_Left/Omni_F/NNNNNN.png`` + ``GT/LABELS/Stereo_Left/Omni_F/NNNNNN.png``;
@@ -10,7 +10,7 @@ NEAREST to ``size`` when it differs.
 
 Splits: SYNTHIA-Seq has no val split. ``split="train"`` is every annotated frame (849 in the
 real sequence, as DA-VSN); ``split="val"`` is the last ``val_frames`` of them (used to select
-the SFM, SPEC §5); ``holdout_val=True`` removes those from ``split="train"``.
+the SFM, method §5); ``holdout_val=True`` removes those from ``split="train"``.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class SynthiaSeq(ClipDataset):
                                    f"(needed with prev_label=True for {name})")
             item["label_prev"] = self.label_tensor(
                 SYNTHIA_LUT_12[resize_label(self.read_ids(prev_path), size)])
-            # two NEAREST steps (native crop -> size -> size/4), as VIPER's (SPEC §4)
+            # two NEAREST steps (native crop -> size -> size/4), as VIPER's (method §4)
             item["label_down4x"] = self.label_tensor(
                 SYNTHIA_LUT_12[resize_label(resize_label(ids, size), quarter_size(size))])
         return item

@@ -1,4 +1,4 @@
-"""VIPER (source, 15 classes), SPEC §2.2.
+"""VIPER (source, 15 classes), method §2.2.
 
 Layout: ``VIPER/{train,val}/img/SSS/SSS_NNNNN.jpg`` and ``VIPER/{train,val}/cls/SSS/SSS_NNNNN.png``
 (palette PNG, index = VIPER class id). Annotated frames: frame number a multiple of 10 whose
@@ -30,7 +30,7 @@ from sfc.data.io import (
 )
 
 _NAME = re.compile(r"(\d+)_(\d+)")
-# The release's VIPER val list (SPEC §2.2): 10 random frames from each of 46 val sequences,
+# The release's VIPER val list (method §2.2): 10 random frames from each of 46 val sequences,
 # 460 entries (one duplicated); the SFM is selected on it. Shipped with the package.
 RELEASE_VAL_LIST = Path(__file__).resolve().parent / "lists" / "viper_val.txt"
 
@@ -136,7 +136,7 @@ class ViperSeq(ClipDataset):
                 raise DatasetError(f"VIPER: missing label of the previous frame {prev_path} "
                                    f"(needed with prev_label=True for {name})")
             item["label_prev"] = self.label_tensor(self.map_label(self.read_ids(prev_path), size))
-            # two NEAREST steps (native -> size -> size/4), ego removal and map at 1/4 (SPEC §4)
+            # two NEAREST steps (native -> size -> size/4), ego removal and map at 1/4 (method §4)
             item["label_down4x"] = self.label_tensor(
                 self.map_label(resize_label(ids, size), quarter_size(size)))
         return item

@@ -2,7 +2,7 @@
 mIoU on the source's val split and on Cityscapes val (the target). Results go in docs/data.md.
 
     python -m sfc.data.synthetic --out /tmp/syn
-    python -m sfc.data.gap --data /tmp/syn [--iters 300] [--oracle]
+    python -m sfc.demo.gap --data /tmp/syn [--iters 300] [--oracle]
 
 ``--oracle`` also trains the same model on the synthetic Cityscapes train split (target labels):
 the gap between that and the source model is due to appearance, not to a harder target.
@@ -59,7 +59,7 @@ def miou(model, x, y, protocol) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sfc.data.gap", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m sfc.demo.gap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic data root")
     p.add_argument("--source", choices=("viper", "synthia_seq"), default="viper",

@@ -1,7 +1,7 @@
 """The demo's summary: every stage's result, the evaluations, a plain comparison (JSON + table).
 
 All mIoU/IoU values in the JSON are fractions in [0, 1]; the printed table shows percent. The
-SFM's EPE is in pixels of the 1/4-resolution flow grid (SPEC §3.2).
+SFM's EPE is in pixels of the 1/4-resolution flow grid (method §3.2).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def build_summary(out: Path, source: str, mode: str, cfg: dict, stages, evals: d
         ctl_lines.append(f"{which}: {_compare(c, f, 'the BN control')}")
     verdict = ("On this synthetic domain gap, as measured — " + " ".join(lines) +
                " The best iterate is selected on target-val labels (the release's protocol, "
-               "SPEC §8 quirk 1); the last iterate uses no target labels. The SFC runs also "
+               "method §8 quirk 1); the last iterate uses no target labels. The SFC runs also "
                "pass target frames through the SegNets in train mode, which moves BatchNorm "
                "statistics towards the target (as the release does); the BN control runs do "
                "exactly those forwards without the SFC loss. SFC Accel against the BN-control "

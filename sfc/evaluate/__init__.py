@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §6): ``python -m sfc.evaluate`` and the loops used in training.
+"""Evaluation (method §6): ``python -m sfc.evaluate`` and the loops used in training.
 
 * :mod:`.metrics`    confusion matrix, IoU / mIoU, table / JSON / CSV
 * :mod:`.core`       ``evaluate_segnet``, ``evaluate_accel``, ``evaluate_sfm``

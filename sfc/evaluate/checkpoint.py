@@ -1,6 +1,6 @@
 """Which network a checkpoint holds, and building it for evaluation.
 
-Accepted (SPEC §5, §8 quirk 10 — every file is read with ``torch.load(weights_only=True)``):
+Accepted (method §5, §8 quirk 10 — every file is read with ``torch.load(weights_only=True)``):
 * this project's run checkpoints (``best.pt`` / ``last.pt`` of ``python -m sfc.train``:
   ``{"format": "sfc-run-v1", "stage", "iter", "models": {"accel" | "segnet" | ...: state
   dict}, "config"}``), Accel or single-frame SegNet runs; also ``{"model": sd, "config"}``;

@@ -1,4 +1,4 @@
-"""``python -m sfc.evaluate``: score a checkpoint on Cityscapes-Seq val (SPEC §6).
+"""``python -m sfc.evaluate``: score a checkpoint on Cityscapes-Seq val (method §6).
 
 Single process: ``python -m sfc.evaluate --checkpoint CKPT --data DATA_ROOT``.
 Several GPUs: ``torchrun --nproc_per_node=4 -m sfc.evaluate ...`` — each process scores a
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sfc.evaluate",
         description="Per-class IoU and mIoU of an Accel or single-frame SegNet checkpoint on "
-                    "Cityscapes-Seq val (SPEC §6). Under torchrun the val set is sharded.")
+                    "Cityscapes-Seq val (method §6). Under torchrun the val set is sharded.")
     p.add_argument("--checkpoint", required=True,
                    help="this project's best.pt/last.pt, the release's Accel state dict "
                         "(SFC stage two best.pth) or a release stage-one SegNet")

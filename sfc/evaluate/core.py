@@ -1,16 +1,16 @@
-"""Evaluation loops shared by ``python -m sfc.evaluate`` and the in-training validation (SPEC §6).
+"""Evaluation loops shared by ``python -m sfc.evaluate`` and the in-training validation (method §6).
 
 Every loop runs the model in eval mode (BatchNorm running statistics) under ``no_grad``, builds
 one confusion matrix per process on the device (one ``bincount`` per batch), sums it over the
 processes (:func:`sfc.dist.all_reduce_sum`, exact for integers) and only then computes IoU —
 so a sharded evaluation (``ShardSampler``) gives exactly the single-process number.
 
-Protocols (SPEC §6, quirk 9):
+Protocols (method §6, quirk 9):
 * ``release``: the label resized (PIL nearest) to the eval input size, 1024×512 for
   Cityscapes — what the dataset item's ``"label"`` already is.
 * ``full``: logits upsampled bilinearly (``align_corners=False``) to the label's native size
   (2048×1024) and compared with the native label (DA-VSN / TPS). The loader's items must carry
-  ``"label_full"``: wrap the dataset in :class:`sfc.evaluate.native.NativeLabels`.
+  ``"label_full"``: wrap the dataset in :class:`sfc.evaluate.data.NativeLabels`.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def evaluate_accel(model, loader, num_classes: int, eval_ids=None, device="cpu",
                    protocol: str = "release", limit: int | None = None, progress: bool = True,
                    amp: str | None = None, pred_hook: Callable | None = None,
                    keyframe_interval: int = 1) -> dict:
-    """Accel on the clip (f-K, ..., f) → logits for f at the input size (SPEC §6: K = 1, the
+    """Accel on the clip (f-K, ..., f) → logits for f at the input size (method §6: K = 1, the
     clip (f-1, f)); the reference branch runs on the keyframe f-K and is propagated through K
     flows. Then as :func:`evaluate_segnet` (logits upsampled to the label size only under
     ``full``). Longer clips are cut to their last K+1 frames."""
@@ -167,7 +167,7 @@ def evaluate_accel(model, loader, num_classes: int, eval_ids=None, device="cpu",
 
 def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = None,
                  progress: bool = True, amp: str | None = None) -> dict:
-    """SFM validation (SPEC §5, release): the SFM's segmentation-based flow from the hard
+    """SFM validation (method §5, release): the SFM's segmentation-based flow from the hard
     ground-truth masks of frames f-1 and f (classes present in either label) against
     ``flownet_global``'s flow, EPE **unmasked**, mean over each image's pixels, then the mean
     of those per-image means. Items need ``"flow"`` (3×T×H×W), ``"label"`` and

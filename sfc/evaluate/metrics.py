@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion matrix, IoU / mIoU, and their table / JSON / CSV outputs.
 
-SPEC §6: one confusion matrix over all images of the val set; ``IoU_c = TP / (TP + FP + FN)``;
+method §6: one confusion matrix over all images of the val set; ``IoU_c = TP / (TP + FP + FN)``;
 mIoU = mean over the protocol's evaluated classes (all 15 for VIPER→Cityscapes, 11 of 12 for
 SYNTHIA-Seq→Cityscapes); a class with no pixel in prediction or label counts as 0 (the release's
 ``nanmean``-free behaviour: ``0 / max(0, 1)``).
@@ -58,7 +58,7 @@ def iou_from_confusion(cm, eval_ids: Sequence[int] | None = None) -> tuple[np.nd
 
     ``IoU_c = TP / (TP + FP + FN)`` with ``TP = cm[c, c]``, ``FN`` = rest of row c, ``FP`` = rest
     of column c; a class absent from both prediction and label gets IoU 0 and still counts in the
-    mean (SPEC §6).
+    mean (method §6).
     """
     cm = torch.as_tensor(cm).detach().cpu().to(torch.float64).numpy()
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:

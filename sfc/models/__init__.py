@@ -1,4 +1,4 @@
-"""Plain nn.Modules of SFC (SPEC §3): DeepLab-v2 SegNet, thin FlowNetS (also the SFM), warp,
+"""Plain nn.Modules of SFC (method §3): DeepLab-v2 SegNet, thin FlowNetS (also the SFM), warp,
 Accel. Nothing here reads files or needs a GPU at construction."""
 
 from .accel import Accel

@@ -1,4 +1,4 @@
-"""Accel, the video SegNet of the release (SPEC §3.4)."""
+"""Accel, the video SegNet of the release (method §3.4)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Accel(nn.Module):
     """`forward(seg_clip, flow_clip)` with clips `B×3×T×H×W` (frame T-1 current) → logits
     `B×C×H×W` for frame T-1.
 
-    `seg_clip`: SegNet-normalised frames; `flow_clip`: flow-normalised frames (SPEC §2.1).
+    `seg_clip`: SegNet-normalised frames; `flow_clip`: flow-normalised frames (method §2.1).
     The reference branch segments frame 0 and is warped to frame T-1 through T-1 flows.
     """
 
@@ -43,7 +43,7 @@ class Accel(nn.Module):
         self.net_ref.fp32_heads = self.net_update.fp32_heads = bool(on)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What both Accel stages train (SPEC §3.4): merge, flownet, both layer6."""
+        """What both Accel stages train (method §3.4): merge, flownet, both layer6."""
         mods = (self.merge, self.flownet, self.net_ref.layer6, self.net_update.layer6)
         return [p for m in mods for p in m.parameters()]
 

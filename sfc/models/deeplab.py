@@ -1,4 +1,4 @@
-"""DeepLab-v2 on a Caffe-style ResNet (SPEC §3.1), state-dict keys as in the SFC release.
+"""DeepLab-v2 on a Caffe-style ResNet (method §3.1), state-dict keys as in the SFC release.
 
 Default `DeepLabV2()` is the paper's ResNet-101 (`layers=(3, 4, 23, 3)`, `width=64`); smaller
 `layers`/`width` give a fast test/demo variant with the same structure and key names.
@@ -78,7 +78,7 @@ class DeepLabV2(nn.Module):
     """DeepLab-v2 ResNet. `forward(x: B×3×H×W)` → logits `B×C×⌈H/8⌉×⌈W/8⌉` (1/8 resolution),
     or `(main, aux)` when `multi_level` (aux from `layer5` on layer3's output).
 
-    Input: BGR, 0–255, mean-subtracted (SPEC §2.1). `width` is the stem/layer1 width; layer k has
+    Input: BGR, 0–255, mean-subtracted (method §2.1). `width` is the stem/layer1 width; layer k has
     `width·2^(k-1)` planes (×4 out), so layer3 outputs `16·width` and layer4 `32·width` channels.
     """
 
@@ -110,7 +110,7 @@ class DeepLabV2(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 m.weight.data.fill_(1)
                 m.bias.data.zero_()
-        # Only the stem BN is frozen in the release (the blocks' BNs train; SPEC §3.1: 310
+        # Only the stem BN is frozen in the release (the blocks' BNs train; method §3.1: 310
         # trainable backbone tensors).
         for p in self.bn1.parameters():
             p.requires_grad = False
@@ -154,7 +154,7 @@ class DeepLabV2(nn.Module):
             return run_float32(head, x)
         return head(x)
 
-    # ---- parameter groups (SPEC §3.1) -------------------------------------------------------
+    # ---- parameter groups (method §3.1) -------------------------------------------------------
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable backbone parameters, each once (the 1x-LR group)."""
         return [p for name in BACKBONE_MODULES for p in getattr(self, name).parameters()

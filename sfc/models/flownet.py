@@ -1,4 +1,4 @@
-"""Thin FlowNetS (3/8 of FlowNetS's width), the release's FlowNet and SFM (SPEC §3.2).
+"""Thin FlowNetS (3/8 of FlowNetS's width), the release's FlowNet and SFM (method §3.2).
 
 Keys: `convX.0.weight/bias`, `deconvX.0.weight/bias`, `predict_flowX.weight/bias`,
 `upsample_flowXtoY.weight/bias` — those of the Flying Chairs file the release ships (5.46 M
@@ -34,7 +34,7 @@ def _crop_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 class FlowNetS(nn.Module):
     """`forward(cat([frame_t, frame_{t-1}], 1): B×6×H×W)` → backward flow `B×2×⌈H/4⌉×⌈W/4⌉`.
 
-    Frames flow-normalised (BGR / 255, SPEC §2.1). Output in pixels of the 1/4 grid:
+    Frames flow-normalised (BGR / 255, method §2.1). Output in pixels of the 1/4 grid:
     `warp(x_{t-1}, flow)(p) = x_{t-1}(p + flow(p))` aligns frame t-1 to frame t.
     """
 

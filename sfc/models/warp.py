@@ -1,4 +1,4 @@
-"""Backward warping by optical flow (SPEC §3.3), pure PyTorch.
+"""Backward warping by optical flow (method §3.3), pure PyTorch.
 
 The release's compiled CUDA warp samples `x` bilinearly at `(i + u, j + v)` and clamps each of
 the four corner indices to the image. That equals `grid_sample(bilinear, padding_mode='border',

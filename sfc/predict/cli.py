@@ -40,7 +40,7 @@ from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, 
 from sfc.predict.frames import FrameFolder, VideoFile
 from sfc.predict.stream import StreamingAccel
 
-DEFAULT_SIZE = (1024, 512)  # the release's Cityscapes input size (SPEC §2.3)
+DEFAULT_SIZE = (1024, 512)  # the release's Cityscapes input size (method §2.3)
 DEFAULT_FPS = 17.0  # Cityscapes sequences are recorded at 17 Hz
 
 
@@ -94,7 +94,7 @@ def _resize(rgb: np.ndarray, size) -> np.ndarray:
 
 
 def _tensors(rgb: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 3, H, W) SegNet input and FlowNet input of an RGB frame (SPEC §2.1)."""
+    """(1, 3, H, W) SegNet input and FlowNet input of an RGB frame (method §2.1)."""
     seg = torch.from_numpy(seg_normalise(rgb))[None].to(device)
     flow = torch.from_numpy(flow_normalise(rgb))[None].to(device)
     return seg, flow

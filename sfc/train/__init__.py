@@ -1,4 +1,4 @@
-"""Training: one engine for the seven runs of the SFC pipeline (SPEC §5).
+"""Training: one engine for the seven runs of the SFC pipeline (method §5).
 
 * :mod:`.cli`          ``python -m sfc.train`` / ``sfc-train``: flags, defaults, datasets
 * :mod:`.engine`       the one loop: streams, LR, step, evaluation, checkpoints, resume, signals

@@ -17,10 +17,10 @@ from sfc.data.viper import release_val_list
 
 SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
 SOURCE_SIZES = {"viper": (1280, 720), "synthia_seq": (1280, 640)}
-# stage → (lr, weight decay, eval every) of the release (SPEC §5)
+# stage → (lr, weight decay, eval every) of the release (method §5)
 STAGE_DEFAULTS = {"segnet": (2.5e-4, 5e-4, 2000), "accel": (5e-4, 5e-4, 2000),
                   "sfm": (1e-4, 4e-4, 4000), "flownet": (1e-4, 4e-4, 5000)}
-# stage → (iterations without, with the SFC loss) of the release (SPEC §5)
+# stage → (iterations without, with the SFC loss) of the release (method §5)
 ITERS = {"segnet": (80000, 120000), "accel": (80000, 160000), "sfm": (80000, 80000),
          "flownet": (300000, 300000)}  # flownet: the common FlowNet code's 300 × 1000
 BATCH = {"flownet": 8}  # clips per step where it is not the release's 1
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
            "flownet 4e-4 on the weights, none on the biases)")
     a("--optimizer", choices=["release", "clean"], default="release",
       help="segnet: 'release' updates most backbone tensors 3-4x per step as the release's "
-           "duplicated parameter list does (SPEC 3.1); 'clean' once")
+           "duplicated parameter list does (method §3.1); 'clean' once")
     a("--sfc-weight", type=float, default=0.0,
       help="weight of the SFC loss on target video (0: source only; paper 0.005 stage one, "
            "0.001 stage two)")
@@ -144,7 +144,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.eval_every = every if args.eval_every is None else args.eval_every
     if args.batch_size is None:
         args.batch_size = BATCH.get(args.stage, 1)
-    if args.iters is None:  # the release's iterations for this stage and SFC weight (SPEC §5)
+    if args.iters is None:  # the release's iterations for this stage and SFC weight (method §5)
         args.iters = ITERS[args.stage][args.sfc_weight > 0 and args.stage != "sfm"]
     validate(args)
     args.num_classes = SOURCES[args.source]

@@ -406,7 +406,7 @@ class Trainer:
 
 def train(cfg, data) -> int:
     # Fixed input sizes: let cuDNN pick its fastest kernels (the release leaves cuDNN
-    # non-deterministic too, SPEC §5).
+    # non-deterministic too, method §5).
     torch.backends.cudnn.benchmark = True
     trainer = Trainer(cfg, data)
     try:

@@ -1,9 +1,9 @@
-"""Optimisers and learning-rate rules of the SFC release (SPEC §3.1, §5, quirks 3 and 11).
+"""Optimisers and learning-rate rules of the SFC release (method §3.1, §5, quirks 3 and 11).
 
 * `RepeatedSGD`: SGD (momentum, L2 weight decay, no dampening, no Nesterov) in which each
   parameter may carry a repeat count k: one `step()` applies the single-tensor SGD update k
   times, exactly as `torch.optim.SGD(foreach=False)` does when a tensor is listed k times
-  (SPEC §3.1). With all counts 1 it is plain SGD — the "clean" optimiser.
+  (method §3.1). With all counts 1 it is plain SGD — the "clean" optimiser.
 * LR rules, each a function of the 0-based iteration i giving the LR *used by the step of
   iteration i*:
   - `poly_lr`: `base · (1 − i/max_iters)^0.9` (stage-one SegNets, set before the step);
@@ -62,7 +62,7 @@ class RepeatedSGD(torch.optim.Optimizer):
     """SGD whose parameter groups carry a `repeats` list (one int >= 1 per parameter).
 
     For a parameter p with repeat count k, gradient g (fixed during the step), lr η, momentum m
-    and weight decay λ (SPEC §3.1):
+    and weight decay λ (method §3.1):
       * first step (no momentum buffer): k times { d = g + λ·p; p ← p − η·d }; buffer ← last d;
       * later steps: k times { d = g + λ·p; B ← m·B + d; p ← p − η·B }.
     This is what PyTorch's single-tensor SGD does with a parameter listed k times (each copy
@@ -159,7 +159,7 @@ class RepeatedSGD(torch.optim.Optimizer):
 def segnet_param_groups(segnet: nn.Module, lr: float, release: bool) -> list[dict]:
     """Stage-one SegNet groups: trainable backbone at `lr`, classifiers (`layer5`, `layer6`) at
     10·lr. `release=True` gives the backbone tensors the release's repeat counts (297×3, 12×4,
-    conv1.weight×1 for ResNet-101; SPEC §3.1), `False` counts each once."""
+    conv1.weight×1 for ResNet-101; method §3.1), `False` counts each once."""
     if release:
         triples = segnet.release_param_repeats()
         backbone = [p for _, p, _ in triples]
@@ -176,7 +176,7 @@ def segnet_param_groups(segnet: nn.Module, lr: float, release: bool) -> list[dic
 
 
 def accel_trainable_modules(accel: nn.Module) -> list[tuple[str, nn.Module]]:
-    """What trains in both Accel stages (SPEC §3.4): merge, flownet, both layer6."""
+    """What trains in both Accel stages (method §3.4): merge, flownet, both layer6."""
     return [("merge", accel.merge), ("flownet", accel.flownet),
             ("net_ref.layer6", accel.net_ref.layer6),
             ("net_update.layer6", accel.net_update.layer6)]

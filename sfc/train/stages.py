@@ -1,4 +1,4 @@
-"""The three stage kinds of the SFC pipeline (SPEC §5); each says only what differs.
+"""The three stage kinds of the SFC pipeline (method §5); each says only what differs.
 
 | kind   | runs                           | trains                                | monitor |
 |--------|--------------------------------|---------------------------------------|---------|

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SFM pre-training on the source: SFM and flownet_global both start from the FlowNet of
 # FlowNet_pretrain stage two; EPE between the segmentation-based flow of ground-truth masks and
-# flownet_global's flow (SPEC §4, §5). SYNTHIA-Seq: the last 50 annotated frames are held out
+# flownet_global's flow (method §4, §5). SYNTHIA-Seq: the last 50 annotated frames are held out
 # as the source val split (--synthia-val-frames).
 # Run dir: $SFC_OUT/$SOURCE/SFM/train.  Extra arguments override.
 set -euo pipefail

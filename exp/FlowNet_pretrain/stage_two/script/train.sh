@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FlowNet_pretrain stage two: source-only Accel built from the two stage-one SegNets; trains
-# merge, flownet and both layer6 (one group), which trains the FlowNet on the source (SPEC §5).
+# merge, flownet and both layer6 (one group), which trains the FlowNet on the source (method §5).
 # Run dir: $SFC_OUT/$SOURCE/FlowNet_pretrain/stage_two/train.  Extra arguments override.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../../../common.sh"

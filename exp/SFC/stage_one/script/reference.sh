@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SFC stage one, 'reference' SegNet: as update.sh with seed 1 (SPEC §5, quirk 4).
+# SFC stage one, 'reference' SegNet: as update.sh with seed 1 (method §5, quirk 4).
 # Run dir: $SFC_OUT/$SOURCE/SFC/stage_one/reference (BN_CONTROL=1: SFC_bn_control/...).
 # Extra arguments override (e.g. --iters 200 --eval-every 100).
 set -euo pipefail
@@ -12,7 +12,7 @@ ARGS=(
   --eval-every 2000         # Cityscapes-val mIoU of the main head on frame f
   --lr 2.5e-4               # poly: 2.5e-4 (1 - i/120000)^0.9; classifiers 10x
   --momentum 0.9 --weight-decay 5e-4
-  --optimizer release       # the release's duplicated backbone parameters (SPEC 3.1)
+  --optimizer release       # the release's duplicated backbone parameters (method §3.1)
   --batch-size 1            # one source clip (+ one target clip) per step
   --sfc-weight 0.005
   --scale 100               # softmax scale of the soft masks

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SFC stage two: Accel from the SFC stage-one SegNets and the Flying Chairs FlowNet; source CE
-# + 0.001 x SFC stage-two loss on 3-frame Cityscapes clips (SPEC §5). Its best.pt holds the
+# + 0.001 x SFC stage-two loss on 3-frame Cityscapes clips (method §5). Its best.pt holds the
 # final model (Accel, plus flownet_global and SFM).
 # Run dir: $SFC_OUT/$SOURCE/SFC/stage_two/train (BN_CONTROL=1: SFC_bn_control/...).
 # Extra arguments override.
