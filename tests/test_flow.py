@@ -442,3 +442,17 @@ def test_premise_command(tiny_data, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.pth" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_magnitude_percentiles_against_numpy():
+    from sfc.evaluate.flow import magnitude_histogram, percentile
+
+    rng = np.random.default_rng(0)
+    gt = torch.from_numpy(rng.normal(0, 3, (2, 2, 40, 50)).astype(np.float32))
+    gt[0, :, :5] = float("nan")
+    h = magnitude_histogram(gt)
+    mag = torch.linalg.vector_norm(gt.double(), dim=1)
+    mag = mag[torch.isfinite(mag)].numpy()
+    assert float(h.sum()) == mag.size
+    for q in (50, 95):
+        assert abs(percentile(h, q) - np.percentile(mag, q)) <= 1 / 16 + 1e-9

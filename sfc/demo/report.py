@@ -120,7 +120,10 @@ def build_summary(out: Path, source: str, mode: str, cfg: dict, stages, evals: d
                "statistics towards the target (as the release does); the BN control runs do "
                "exactly those forwards without the SFC loss. SFC Accel against the BN-control "
                "Accel (the part of the gain the SFC loss adds beyond BatchNorm adaptation): "
-               + "; ".join(ctl_lines) + ".")
+               + "; ".join(ctl_lines) + ". One seed cannot tell that difference from run-to-run "
+               "noise: --seeds N measures the paired difference SFC − BN control per seed, and "
+               "only a difference positive in every seed with a mean above twice its standard "
+               "deviation is called a contribution of the SFC loss.")
     if mode == "smoke":
         verdict += " (Smoke setting: a few iterations per stage, the numbers mean nothing.)"
     final = ev(SFC_ACCEL, "best")

@@ -21,6 +21,7 @@ from sfc import dist
 from sfc.evaluate.temporal import upsample_flow
 
 FL_ABS, FL_REL = 3.0, 0.05  # KITTI outlier: EPE > 3 px and > 5 % of the true magnitude
+HIST_BINS, HIST_MAX = 8192, 512.0  # |gt| histogram for its percentiles: 1/16 px bins
 
 
 def flow_error_sums(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -38,11 +39,32 @@ def flow_error_sums(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
                         out.sum().double(), out0.sum().double()])
 
 
-def summarise(sums: torch.Tensor) -> dict:
+def magnitude_histogram(gt: torch.Tensor) -> torch.Tensor:
+    """(HIST_BINS,) float64 counts of ‖gt‖ over the valid pixels (bins of HIST_MAX / HIST_BINS
+    px; larger magnitudes land in the last bin)."""
+    valid = torch.isfinite(gt).all(dim=1)
+    mag = torch.linalg.vector_norm(gt.double(), dim=1)[valid].clamp(max=HIST_MAX - 1e-6)
+    return torch.histc(mag, bins=HIST_BINS, min=0.0, max=HIST_MAX).double()
+
+
+def percentile(hist: torch.Tensor, q: float) -> float:
+    """The q-th percentile of a magnitude histogram (upper edge of the bin it falls in)."""
+    c = torch.cumsum(hist, 0)
+    if c[-1] <= 0:
+        return float("nan")
+    i = int(torch.searchsorted(c, torch.tensor(q / 100.0 * float(c[-1]), dtype=c.dtype)))
+    return (min(i, HIST_BINS - 1) + 1) * HIST_MAX / HIST_BINS
+
+
+def summarise(sums: torch.Tensor, hist: torch.Tensor | None = None) -> dict:
     n = max(float(sums[0]), 1.0)
-    return {"epe": float(sums[1]) / n, "epe_zero": float(sums[2]) / n,
-            "fl_all": float(sums[3]) / n, "fl_all_zero": float(sums[4]) / n,
-            "valid_pixels": int(sums[0])}
+    out = {"epe": float(sums[1]) / n, "epe_zero": float(sums[2]) / n,
+           "fl_all": float(sums[3]) / n, "fl_all_zero": float(sums[4]) / n,
+           "valid_pixels": int(sums[0])}
+    if hist is not None:  # the ground truth's |flow|: mean (= the zero baseline), percentiles
+        out["gt_magnitude"] = {"mean": out["epe_zero"], "p50": percentile(hist, 50),
+                               "p95": percentile(hist, 95)}
+    return out
 
 
 @torch.no_grad()
@@ -55,6 +77,7 @@ def evaluate_flow(flownet, loader, device="cpu", limit: int | None = None,
 
     device = torch.device(device)
     sums = torch.zeros(5, dtype=torch.float64, device=device)
+    hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
     seen = 0
     was = flownet.training
     flownet.eval()
@@ -73,12 +96,14 @@ def evaluate_flow(flownet, loader, device="cpu", limit: int | None = None,
         with _autocast(device, amp):
             flow = flownet(torch.cat((img1, img2), 1))  # (B, 2, H/4, W/4), 1/4-grid px
         sums += flow_error_sums(upsample_flow(flow.float(), gt.shape[-2:]), gt)
+        hist += magnitude_histogram(gt)
         seen += img1.shape[0]
     bar.close()
     flownet.train(was)
     dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(hist)
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
-    return {**summarise(sums.cpu()), "num_pairs": int(n.item())}
+    return {**summarise(sums.cpu(), hist.cpu()), "num_pairs": int(n.item())}
 
 
 FLOW_CSV_COLUMNS = ("checkpoint", "network", "flow_set", "split", "width", "height",
@@ -104,6 +129,10 @@ def format_flow_table(rec: dict) -> str:
              f"{100 * rec['fl_all_zero']:>12.2f}",
              f"EPE / zero baseline: {rec['epe'] / max(rec['epe_zero'], 1e-12):.3f} "
              "(below 1: the network measures motion)"]
+    m = rec.get("gt_magnitude")
+    if m:
+        lines.append(f"ground truth |flow|: mean {m['mean']:.2f} px, median {m['p50']:.2f}, "
+                     f"95th percentile {m['p95']:.2f} (1/16 px bins)")
     return "\n".join(lines)
 
 
