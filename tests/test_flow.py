@@ -387,6 +387,7 @@ def test_tc_gt_runs_in_the_cli(tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "r.json").read_text())
     assert rec["tc_flow"] == "gt" and rec["tc_judge"].startswith("ground-truth")
+    assert "TC judged by: ground-truth flow" in r.stdout
     assert 0.0 < rec["temporal_consistency"]["tc"] <= 1.0
 
 

@@ -266,6 +266,8 @@ def run(args) -> dict | None:
             if args.tc_flow == "flownet":
                 record["tc_flownet"] = os.fspath(args.tc_flownet)
         print(format_table(record))
+        if tc_judge is not None:
+            print(f"TC judged by: {tc_judge}")
         if args.json:
             write_json(args.json, record)
             print(f"wrote {args.json}")
