@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,16 @@ def test_magnitude_percentiles_against_numpy():
     assert float(h.sum()) == mag.size
     for q in (50, 95):
         assert abs(percentile(h, q) - np.percentile(mag, q)) <= 1 / 16 + 1e-9
+
+
+def test_evaluate_takes_run_directories_and_the_trained_size(tiny_runs, tiny_data, tmp_path):
+    """A run directory is accepted as --checkpoint (its best.pt), and without --size the
+    evaluation runs at the size the run was trained at (as sfc.predict does)."""
+    run = tiny_runs["accel"]
+    r = subprocess.run([sys.executable, "-m", "sfc.evaluate", "--checkpoint", str(run),
+                        "--data", str(tiny_data), "--workers", "0", "--no-progress",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "r.json").read_text())
+    trained = json.loads((Path(run) / "config.json").read_text())["config"]["target_size"]
+    assert rec["input_size"] == trained and "trained at" not in r.stderr

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-class IoU and mIoU of an Accel or single-frame SegNet checkpoint on "
                     "Cityscapes-Seq val (method §6). Under torchrun the val set is sharded.")
     p.add_argument("--checkpoint", required=True,
-                   help="this project's best.pt/last.pt, the release's Accel state dict "
-                        "(SFC stage two best.pth) or a release stage-one SegNet")
+                   help="this project's best.pt/last.pt or run directory (its best.pt), the "
+                        "release's Accel state dict (SFC stage two best.pth) or a release "
+                        "stage-one SegNet; --flow: any FlowNetS")
     p.add_argument("--data", default=os.environ.get("SFC_DATA", "data"),
                    help="data root containing Cityscapes/ (default: $SFC_DATA or data/)")
     p.add_argument("--source", choices=sorted(SOURCE_CLASSES), default=None,
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", dest="list_file", default=None,
                    help="optional list file of frames to evaluate (default: scan gtFine)")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
-                   help="network input size (default: 1024 512; --flow: the stage's size of "
+                   help="network input size (default: the checkpoint's training size, else "
+                        "1024 512; --flow: the stage's size of "
                         "the flow set — VIPER 1280 720, synthetic target 1024 512 — or the "
                         "files' own)")
     p.add_argument("--limit", type=int, default=None,
@@ -194,8 +196,10 @@ def run(args) -> dict | None:
     if args.flow:
         return _run_flow(args, device)
     args.split = args.split or "val"
-    args.size = list(args.size or (1024, 512))
     info = inspect_checkpoint(resolve_run(args.checkpoint), args.mode)
+    # --size: given, else the size the checkpoint was trained at (as sfc.predict), else the
+    # release's 1024x512
+    args.size = list(args.size or info.config.get("target_size") or (1024, 512))
     source = args.source or info.config.get("source") or "viper"
     check_classes(info, source)
     if dist.is_main():
