@@ -80,7 +80,7 @@ def _record(miou, n=15, tc=None, by_k=None):
     rec = {"miou": miou, "per_class": {c: miou for c in demo_names(n)},
            "per_class_not_in_mean": {}}
     if by_k:
-        rec["keyframe_intervals"] = [{"keyframe_interval": k, "miou": v} for k, v in by_k.items()]
+        rec["keyframe_distances"] = [{"keyframe_distance": k, "miou": v} for k, v in by_k.items()]
     if tc is not None:
         rec["temporal_consistency"] = {"tc": tc}
     return rec

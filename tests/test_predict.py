@@ -25,7 +25,12 @@ def _varied_accel():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_streaming_equals_the_clip_forward(k):
+def test_streaming_is_accel_as_trained(k):
+    """A keyframe's output is the reference branch alone; a frame d >= 1 frames after its
+    keyframe is `Accel.forward` on the clip (keyframe, ..., frame) — the Accel the stages
+    trained, and what `sfc.evaluate --keyframe-distance d` scores."""
+    from sfc.models.deeplab import upsample_like
+
     accel = _varied_accel()
     g = torch.Generator().manual_seed(0)
     flow_imgs = torch.rand(7, 1, 3, 32, 64, generator=g)  # 7 frames
@@ -35,11 +40,40 @@ def test_streaming_equals_the_clip_forward(k):
         for t in range(7):
             out = stream.step(seg_imgs[t], flow_imgs[t])
             key = t - t % k  # its keyframe
-            clip_s = torch.stack(list(seg_imgs[key:t + 1]), dim=2)  # (1, 3, d+1, H, W)
-            clip_f = torch.stack(list(flow_imgs[key:t + 1]), dim=2)
-            want = accel(clip_s, clip_f)
+            assert stream.distance == t - key
+            if t == key:
+                want = upsample_like(accel.net_ref(seg_imgs[t]), (32, 64))
+            else:
+                clip_s = torch.stack(list(seg_imgs[key:t + 1]), dim=2)  # (1, 3, d+1, H, W)
+                clip_f = torch.stack(list(flow_imgs[key:t + 1]), dim=2)
+                want = accel(clip_s, clip_f)
             assert torch.allclose(out, want, rtol=0, atol=1e-6), (k, t)
     assert stream.t == 7
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_evaluate_at_distance_d_equals_predict_at_distance_d(d):
+    """`evaluate_accel(keyframe_distance=d)` on the clip ending at a frame predicts exactly
+    what the streaming Accel (interval 5) outputs for that frame, d frames after its
+    keyframe."""
+    from sfc.evaluate.core import evaluate_accel
+
+    accel = _varied_accel().eval()
+    g = torch.Generator().manual_seed(1)
+    flow_imgs = torch.rand(d + 1, 1, 3, 32, 64, generator=g)
+    seg_imgs = flow_imgs * 255 - 110
+    stream = StreamingAccel(accel, keyframe_interval=5)
+    with torch.no_grad():
+        for t in range(d + 1):
+            out = stream.step(seg_imgs[t], flow_imgs[t])
+    assert stream.distance == d
+    got = []
+    batch = {"seg": torch.stack(list(seg_imgs), dim=2), "flow": torch.stack(list(flow_imgs),
+                                                                            dim=2),
+             "label": torch.zeros(1, 32, 64, dtype=torch.long), "name": ["x"]}
+    evaluate_accel(accel, [batch], 15, device="cpu", progress=False, keyframe_distance=d,
+                   pred_hook=lambda names, pred: got.append(pred))
+    assert torch.equal(got[0], out.argmax(1))
 
 
 def test_streaming_reference_passes_only_on_keyframes():
@@ -51,7 +85,7 @@ def test_streaming_reference_passes_only_on_keyframes():
     x = torch.rand(1, 3, 32, 64)
     for _ in range(7):
         stream.step(x, x)
-    assert calls == {"ref": 3, "flow": 4, "upd": 7}  # keyframes 0, 3, 6
+    assert calls == {"ref": 3, "flow": 4, "upd": 4}  # keyframes 0, 3, 6: the reference alone
 
 
 @pytest.mark.parametrize("classes,lut", [(15, CITYSCAPES_LUT_15), (12, CITYSCAPES_LUT_12)])
@@ -85,6 +119,7 @@ def test_predict_a_folder(tiny_data, ckpts, tmp_path, capsys):
     rec = json.loads((out / "predict.json").read_text())
     names = [f.stem for f in files[:7]]
     assert rec["frames"] == 7 and rec["names"] == names and rec["keyframes"] == [0, 3, 6]
+    assert rec["keyframe_interval"] == 3 and rec["keyframe_distances"] == [0, 1, 2, 0, 1, 2, 0]
     assert rec["mode"] == "accel" and rec["size"] == [64, 32] and len(rec["classes"]) == 15
     assert rec["frames_per_s_model"] > 0
     native = Image.open(files[0]).size
@@ -105,7 +140,8 @@ def test_predict_a_folder(tiny_data, ckpts, tmp_path, capsys):
     while cap.read()[0]:
         n += 1
     assert n == 7 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 2 * native[0]
-    assert "7 frames" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "7 frames" in printed and "3 keyframes (reference branch), 4 flow-propagated" in printed
 
 
 def test_video_in_mp4_out(tiny_data, ckpts, tmp_path):

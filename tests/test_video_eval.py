@@ -44,25 +44,38 @@ def cli(tiny_data, ckpt, tmp_path, *extra):
     return rc, json.loads(js.read_text())
 
 
-def test_keyframe_interval_one_is_the_default_number(tiny_data, files, tmp_path):
+def test_keyframe_interval_is_a_deprecated_alias(tiny_data, files, tmp_path, capsys):
+    """The old evaluate flag still works, says it is deprecated, and gives the same numbers."""
+    _, new = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-distance", "1", "3")
+    capsys.readouterr()
+    _, old = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1", "3")
+    assert "deprecated" in capsys.readouterr().err
+    assert old["keyframe_distances"] == new["keyframe_distances"]
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(files / "accel.pth"), "--data", str(tiny_data),
+              "--keyframe-interval", "1", "--keyframe-distance", "2"])
+    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
+
+
+def test_keyframe_distance_one_is_the_default_number(tiny_data, files, tmp_path):
     _, default = cli(tiny_data, files / "accel.pth", tmp_path)
-    _, k1 = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1")
+    _, k1 = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-distance", "1")
     assert k1["miou"] == default["miou"] and k1["per_class"] == default["per_class"]
-    assert default["keyframe_interval"] == 1 and "keyframe_intervals" not in default
+    assert default["keyframe_distance"] == 1 and "keyframe_distances" not in default
 
 
 def test_accuracy_against_keyframe_distance(tiny_data, files, tmp_path):
-    _, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1", "2", "5",
+    _, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-distance", "1", "2", "5",
                  "--csv", tmp_path / "r.csv")
-    ks = rec["keyframe_intervals"]
-    assert [r["keyframe_interval"] for r in ks] == [1, 2, 5]
+    ks = rec["keyframe_distances"]
+    assert [r["keyframe_distance"] for r in ks] == [1, 2, 5]
     assert ks[0]["miou"] == rec["miou"] and ks[0]["num_images"] == 2
     # K = 5: the reference branch on frame f-5, propagated through 5 flows (a 6-frame clip)
     ds = CityscapesSeq(tiny_data / "Cityscapes", frames=6, size=(64, 32))
     model = tiny_accel()
     model.load_state_dict(torch.load(files / "accel.pth", weights_only=True))
     want = evaluate_accel(model, make_eval_loader(ds, num_workers=0), 15, progress=False,
-                          keyframe_interval=5)
+                          keyframe_distance=5)
     assert ks[2]["miou"] == pytest.approx(want["miou"], abs=1e-12)
     item = ds[0]
     with torch.no_grad():
@@ -103,13 +116,13 @@ def test_tc_of_constant_and_shifted_predictions():
 
 
 def test_temporal_consistency_in_the_cli(tiny_data, files, tmp_path):
-    rc, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-interval", "1", "3",
+    rc, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--keyframe-distance", "1", "3",
                   "--temporal-consistency", "--tc-flownet", files / "flownet.pth",
                   "--csv", tmp_path / "r.csv")
     assert rc == 0
     tc = rec["temporal_consistency"]
     assert 0.0 < tc["tc"] <= 1.0 and tc["pairs"] == 5 and tc["num_snippets"] == 2
-    assert rec["keyframe_intervals"][1]["tc"]["tc"] != tc["tc"]  # another K, other predictions
+    assert rec["keyframe_distances"][1]["tc"]["tc"] != tc["tc"]  # another K, other predictions
     assert rec["tc_flownet"] == str(files / "flownet.pth")
     rows = list(csv.reader(open(tmp_path / "r.csv")))
     assert rows[-1][0] == "TC" and float(rows[-1][1]) == pytest.approx(tc["tc"], abs=1e-6)
@@ -121,9 +134,9 @@ def test_temporal_consistency_in_the_cli(tiny_data, files, tmp_path):
 
 @pytest.mark.parametrize("extra,msg", [
     (["--temporal-consistency"], "needs --tc-flow gt"),
-    (["--keyframe-interval", "20"], "at most 19"),
-    (["--keyframe-interval", "0"], "--keyframe-interval 0"),
-    (["--temporal-consistency", "--tc-flownet", "x", "--keyframe-interval", "15"],
+    (["--keyframe-distance", "20"], "at most 19"),
+    (["--keyframe-distance", "0"], "--keyframe-distance 0"),
+    (["--temporal-consistency", "--tc-flownet", "x", "--keyframe-distance", "15"],
      "needs more than the 19 frames"),
 ])
 def test_keyframe_and_tc_flags(extra, msg, tiny_data, files, tmp_path, capsys):
@@ -132,8 +145,8 @@ def test_keyframe_and_tc_flags(extra, msg, tiny_data, files, tmp_path, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_keyframe_interval_of_a_segnet_is_refused(tiny_data, files, capsys):
+def test_keyframe_distance_of_a_segnet_is_refused(tiny_data, files, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(files / "segnet.pth"), "--data", str(tiny_data), "--size",
-              *SIZE, "--keyframe-interval", "2", "--device", "cpu"])
+              *SIZE, "--keyframe-distance", "2", "--device", "cpu"])
     assert e.value.code == 2 and "applies to Accel checkpoints" in capsys.readouterr().err

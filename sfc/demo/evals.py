@@ -60,7 +60,7 @@ def evaluate_all(out: Path, cfg: dict, source: str, timings: dict, run_child,
         for which in ("best", "last"):
             results[f"{run}:{which}"] = _evaluate(
                 out, cfg, source, runs / run / f"{which}.pt", out / "eval" / eval_name(run, which),
-                ["--keyframe-interval", *map(str, KEYFRAMES), *tc], run_child, timings,
+                ["--keyframe-distance", *map(str, KEYFRAMES), *tc], run_child, timings,
                 f"{run} ({which}.pt)", data)
     for run in SEGNETS.values():
         results[f"{run}:best"] = _evaluate(

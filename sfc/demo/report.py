@@ -47,9 +47,10 @@ def _tc(rec: dict | None) -> float | None:
 
 
 def _by_k(rec: dict) -> dict[str, float]:
-    """mIoU per keyframe interval, keyed by K as a string (the keys JSON keeps)."""
-    return {str(r["keyframe_interval"]): float(r["miou"])
-            for r in rec.get("keyframe_intervals") or []}
+    """mIoU per keyframe distance, keyed by K as a string (the keys JSON keeps)."""
+    rows = rec.get("keyframe_distances") or rec.get("keyframe_intervals") or []  # old name
+    return {str(r.get("keyframe_distance", r.get("keyframe_interval"))): float(r["miou"])
+            for r in rows}
 
 
 def build_ablation(by_stage: dict, evals: dict) -> dict:
@@ -256,7 +257,7 @@ def _mean_std(values: list) -> dict | None:
 
 def aggregate_seeds(summaries: list[dict]) -> dict:
     """Mean ± std (sample std) over repeated demos of every ablation number: mIoU best/last, TC,
-    and the Accels' best mIoU per keyframe interval."""
+    and the Accels' best mIoU per keyframe distance."""
     rows = []
     for i, r in enumerate(summaries[0]["ablation"]["rows"]):
         same = [s["ablation"]["rows"][i] for s in summaries]

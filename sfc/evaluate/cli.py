@@ -80,10 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="write the per-class table as CSV here")
     p.add_argument("--save-pred", default=None, metavar="DIR",
                    help="write colourised predictions as DIR/<name>.png")
-    p.add_argument("--keyframe-interval", type=int, nargs="+", default=[1], metavar="K",
-                   help="Accel: one evaluation per K, with the keyframe K frames before the "
-                        "labelled frame (the clip of K+1 frames ending at it; 1 = the paper's "
-                        "protocol; the real snippets allow K <= 19)")
+    p.add_argument("--keyframe-distance", type=int, nargs="+", default=None, metavar="D",
+                   help="Accel: one evaluation per keyframe distance D, the keyframe D frames "
+                        "before the labelled frame (the clip of D+1 frames ending at it: the "
+                        "output sfc.predict gives a frame D frames after its keyframe; 1 = the "
+                        "paper's protocol, the default; the real snippets allow D <= 19)")
+    p.add_argument("--keyframe-interval", dest="keyframe_distance_deprecated", type=int,
+                   nargs="+", default=None, metavar="D",
+                   help="deprecated name of --keyframe-distance (an *interval* is a period, "
+                        "what sfc.predict --keyframe-interval means)")
     p.add_argument("--temporal-consistency", action="store_true",
                    help="also measure temporal consistency (TC): the mIoU between the "
                         "prediction at t and the prediction at t-1 warped to t, over the last "
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-MAX_KEYFRAME_INTERVAL = 19  # a real snippet holds 19 frames before the labelled one
+MAX_KEYFRAME_DISTANCE = 19  # a real snippet holds 19 frames before the labelled one
 
 
 def _safe_name(name, i: int) -> str:
@@ -142,6 +147,16 @@ class _PredWriter:
 
 def validate(args) -> None:
     """Every numeric and device flag, and the outputs' writability, before any work."""
+    old = getattr(args, "keyframe_distance_deprecated", None)
+    if old is not None:
+        if args.keyframe_distance is not None:
+            raise flags.FlagError("--keyframe-interval is the deprecated name of "
+                                  "--keyframe-distance: give one of them")
+        print("warning: sfc.evaluate --keyframe-interval is deprecated: it is the keyframe "
+              "*distance* here; use --keyframe-distance", file=sys.stderr)
+        args.keyframe_distance = old
+    if args.keyframe_distance is None:
+        args.keyframe_distance = [1]
     flags.check_number(args, "limit", low=1)
     flags.check_number(args, "batch_size", low=1)
     flags.check_number(args, "workers", low=0)
@@ -149,26 +164,26 @@ def validate(args) -> None:
     flags.check_ints(args, "layers", 1)
     flags.check_size(args, "size")
     flags.check_device(args.device)
-    flags.check_ints(args, "keyframe_interval", 1)
-    if max(args.keyframe_interval) > MAX_KEYFRAME_INTERVAL:
-        raise flags.FlagError(f"--keyframe-interval {max(args.keyframe_interval)}: at most "
-                              f"{MAX_KEYFRAME_INTERVAL} (the snippets hold 19 frames before the "
+    flags.check_ints(args, "keyframe_distance", 1)
+    if max(args.keyframe_distance) > MAX_KEYFRAME_DISTANCE:
+        raise flags.FlagError(f"--keyframe-distance {max(args.keyframe_distance)}: at most "
+                              f"{MAX_KEYFRAME_DISTANCE} (the snippets hold 19 frames before the "
                               "labelled one)")
     flags.check_number(args, "tc_pairs", low=1)
     if args.flow and args.flow_set is None:
         raise flags.FlagError("--flow needs --flow-set (" + ", ".join(FLOW_SETS) + ")")
-    if args.flow and (args.temporal_consistency or args.keyframe_interval != [1]
+    if args.flow and (args.temporal_consistency or args.keyframe_distance != [1]
                       or args.save_pred):
         raise flags.FlagError("--flow evaluates a FlowNetS alone; --temporal-consistency, "
-                              "--keyframe-interval and --save-pred apply to segmentation")
+                              "--keyframe-distance and --save-pred apply to segmentation")
     if args.temporal_consistency and args.tc_flow == "flownet":
         if args.tc_flownet is None:
             raise flags.FlagError("--temporal-consistency needs --tc-flow gt (ground-truth flow "
                                   "of the val set) or --tc-flownet CKPT (the FlowNetS that "
                                   "judges every model, e.g. a Flying-Chairs run)")
-        if max(args.keyframe_interval) + args.tc_pairs > MAX_KEYFRAME_INTERVAL:
-            raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-interval "
-                                  f"{max(args.keyframe_interval)} needs more than the 19 frames "
+        if max(args.keyframe_distance) + args.tc_pairs > MAX_KEYFRAME_DISTANCE:
+            raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-distance "
+                                  f"{max(args.keyframe_distance)} needs more than the 19 frames "
                                   "before the labelled one")
     for name in ("json", "csv"):
         if getattr(args, name):
@@ -206,8 +221,8 @@ def run(args) -> dict | None:
         warn_size(info, args.size)
     protocol = get_protocol(SOURCE_CLASSES[source])
 
-    if info.mode != "accel" and args.keyframe_interval != [1]:
-        raise flags.FlagError(f"--keyframe-interval applies to Accel checkpoints; {info.path} "
+    if info.mode != "accel" and args.keyframe_distance != [1]:
+        raise flags.FlagError(f"--keyframe-distance applies to Accel checkpoints; {info.path} "
                               "is a single-frame SegNet")
     root = Path(args.data) / DATASET_DIRS["cityscapes"]
 
@@ -232,12 +247,12 @@ def run(args) -> dict | None:
             tc_net = tc_net.to(device)
     hook = _PredWriter(args.save_pred, protocol.palette) if args.save_pred else None
     per_k = []
-    for i, k in enumerate(args.keyframe_interval):
+    for i, k in enumerate(args.keyframe_distance):
         if info.mode == "accel":
             res = evaluate_accel(model, loader_of(k + 1), protocol.num_classes,
                                  protocol.eval_ids, device=device, protocol=args.protocol,
                                  progress=not args.no_progress, amp=args.amp,
-                                 pred_hook=hook if i == 0 else None, keyframe_interval=k)
+                                 pred_hook=hook if i == 0 else None, keyframe_distance=k)
         else:
             res = evaluate_segnet(model, loader_of(2), protocol.num_classes, protocol.eval_ids,
                                   device=device, protocol=args.protocol,
@@ -246,7 +261,7 @@ def run(args) -> dict | None:
             res["tc"] = evaluate_temporal_consistency(
                 model, info.mode, loader_of(args.tc_pairs + k + 1, gt_flow=tc_net == "gt"),
                 tc_net, protocol.num_classes,
-                protocol.eval_ids, pairs=args.tc_pairs, keyframe_interval=k, device=device,
+                protocol.eval_ids, pairs=args.tc_pairs, keyframe_distance=k, device=device,
                 progress=not args.no_progress)
         per_k.append((k, res))
     record = None
@@ -259,12 +274,12 @@ def run(args) -> dict | None:
             checkpoint_format=info.fmt, checkpoint_which=info.meta.get("which"),
             iteration=info.meta.get("iteration"), mode=info.mode, source=source,
             class_protocol=protocol.name, input_size=list(args.size),
-            world_size=info_d.world_size, keyframe_interval=k0,
+            world_size=info_d.world_size, keyframe_distance=k0,
         )
         if len(per_k) > 1 or k0 != 1 or tc_net is not None:
-            record["keyframe_intervals"] = [_k_record(k, r, protocol) for k, r in per_k]
+            record["keyframe_distances"] = [_k_record(k, r, protocol) for k, r in per_k]
         if tc_net is not None:
-            record["temporal_consistency"] = record["keyframe_intervals"][0]["tc"]
+            record["temporal_consistency"] = record["keyframe_distances"][0]["tc"]
             record["tc_flow"] = args.tc_flow
             record["tc_judge"] = tc_judge
             if args.tc_flow == "flownet":
@@ -302,7 +317,7 @@ def _run_flow(args, device) -> dict | None:
 
 def _k_record(k: int, res: dict, protocol) -> dict:
     names, ids = protocol.class_names, list(protocol.eval_ids)
-    rec = {"keyframe_interval": k, "miou": float(res["miou"]),
+    rec = {"keyframe_distance": k, "miou": float(res["miou"]),
            "per_class": {names[i]: float(res["per_class"][i]) for i in ids},
            "num_images": res["num_images"]}
     if "tc" in res:

@@ -144,19 +144,19 @@ def evaluate_segnet(model, loader, num_classes: int, eval_ids=None, device="cpu"
 def evaluate_accel(model, loader, num_classes: int, eval_ids=None, device="cpu",
                    protocol: str = "release", limit: int | None = None, progress: bool = True,
                    amp: str | None = None, pred_hook: Callable | None = None,
-                   keyframe_interval: int = 1) -> dict:
+                   keyframe_distance: int = 1) -> dict:
     """Accel on the clip (f-K, ..., f) → logits for f at the input size (method §6: K = 1, the
     clip (f-1, f)); the reference branch runs on the keyframe f-K and is propagated through K
     flows. Then as :func:`evaluate_segnet` (logits upsampled to the label size only under
     ``full``). Longer clips are cut to their last K+1 frames."""
     device = torch.device(device)
-    k = int(keyframe_interval)
+    k = int(keyframe_distance)
 
     def predict(batch):
         seg = batch["seg"][:, :, -(k + 1):].to(device, non_blocking=True)  # (B, 3, K+1, H, W)
         flow = batch["flow"][:, :, -(k + 1):].to(device, non_blocking=True)
         if seg.shape[2] != k + 1:
-            raise ValueError(f"Accel evaluation with keyframe interval {k} needs clips of "
+            raise ValueError(f"Accel evaluation with keyframe distance {k} needs clips of "
                              f">= {k + 1} frames, got {seg.shape[2]}")
         return model(seg, flow)  # (B, C, H, W)
 

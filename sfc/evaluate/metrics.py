@@ -126,19 +126,19 @@ def format_table(record: dict) -> str:
     lines.append("-" * (width + 10))
     n_eval = record.get("num_eval_classes", len(record["per_class"]))
     lines.append(f"{'mIoU':<{width}}  {100 * record['miou']:7.2f}  (mean of {n_eval} classes)")
-    if record.get("keyframe_intervals"):
+    if record.get("keyframe_distances"):
         lines += ["", format_keyframe_table(record)]
     return "\n".join(lines)
 
 
 def format_keyframe_table(record: dict) -> str:
-    """mIoU (and TC) per keyframe interval K, in percent."""
-    rows = record["keyframe_intervals"]
+    """mIoU (and TC) per keyframe distance K, in percent."""
+    rows = record["keyframe_distances"]
     tc = any("tc" in r for r in rows)
     head = f"{'K (keyframe distance)':<22}{'mIoU (%)':>10}" + (f"{'TC (%)':>10}" if tc else "")
     out = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['keyframe_interval']:<22}{100 * r['miou']:>10.2f}"
+        line = f"{r['keyframe_distance']:<22}{100 * r['miou']:>10.2f}"
         if tc:
             line += f"{100 * r['tc']['tc']:>10.2f}" if "tc" in r else f"{'—':>10}"
         out.append(line)
@@ -162,11 +162,11 @@ def write_json(path: str, record: dict) -> None:
 
 
 def write_csv(path: str, record: dict) -> None:
-    """CSV with columns ``class, iou, iou_percent, in_mean`` (the first keyframe interval), then
-    ``iou_k<K>`` per keyframe interval and ``tc_k<K>`` (per-class TC IoU) when measured; the
+    """CSV with columns ``class, iou, iou_percent, in_mean`` (the first keyframe distance), then
+    ``iou_k<K>`` per keyframe distance and ``tc_k<K>`` (per-class TC IoU) when measured; the
     last rows are ``mIoU`` and, with TC, ``TC``."""
     _parent(path)
-    ks = record.get("keyframe_intervals") or []
+    ks = record.get("keyframe_distances") or []
     tcs = [r for r in ks if "tc" in r]
 
     def extra(name, key="per_class"):
@@ -176,8 +176,8 @@ def write_csv(path: str, record: dict) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "iou", "iou_percent", "in_mean"]
-                   + [f"iou_k{r['keyframe_interval']}" for r in ks]
-                   + [f"tc_k{r['keyframe_interval']}" for r in tcs])
+                   + [f"iou_k{r['keyframe_distance']}" for r in ks]
+                   + [f"tc_k{r['keyframe_distance']}" for r in tcs])
         for name, v in record["per_class"].items():
             w.writerow([name, f"{v:.6f}", f"{100 * v:.2f}", 1] + extra(name))
         for name, v in record.get("per_class_not_in_mean", {}).items():

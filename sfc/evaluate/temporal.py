@@ -18,7 +18,7 @@ with). Conventions:
   whose source falls outside the image are left out;
 * the mean is over the protocol's evaluated classes that occur in either map (a class absent
   from both predictions is not "inconsistent"); a constant prediction under zero flow has TC 1.
-* Accel predicts frame t from the clip (t-K, ..., t) with the keyframe interval K of the
+* Accel predicts frame t from the clip (t-K, ..., t) with the keyframe distance K of the
   evaluation; a single-frame SegNet from frame t alone.
 """
 
@@ -87,15 +87,15 @@ def gt_consistency_confusion(pred_prev: torch.Tensor, pred_t: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes: int,
-                                  eval_ids, pairs: int = 5, keyframe_interval: int = 1,
+                                  eval_ids, pairs: int = 5, keyframe_distance: int = 1,
                                   device="cpu", progress: bool = True) -> dict:
-    """TC over a loader of clips of `pairs + keyframe_interval + 1` frames ending at the
+    """TC over a loader of clips of `pairs + keyframe_distance + 1` frames ending at the
     labelled frame (`CityscapesSeq(frames=...)`). `flownet` is a FlowNetS, or "gt": the clips'
     ground-truth forward flows (`CityscapesSeq(gt_flow=True)`, the synthetic target) judge.
-    Returns {"tc", "per_class" (None = absent), "pairs", "num_snippets", "keyframe_interval"},
+    Returns {"tc", "per_class" (None = absent), "pairs", "num_snippets", "keyframe_distance"},
     summed over processes."""
     device = torch.device(device)
-    k, need = int(keyframe_interval), pairs + int(keyframe_interval) + 1
+    k, need = int(keyframe_distance), pairs + int(keyframe_distance) + 1
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     gt = isinstance(flownet, str)
     if gt and flownet != "gt":
@@ -111,7 +111,7 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
         seg = batch["seg"].to(device)  # (B, 3, T, H, W)
         flw = batch["flow"].to(device)
         if seg.shape[2] < need:
-            raise ValueError(f"temporal consistency over {pairs} pairs at keyframe interval {k} "
+            raise ValueError(f"temporal consistency over {pairs} pairs at keyframe distance {k} "
                              f"needs clips of {need} frames, got {seg.shape[2]}")
         seg, flw = seg[:, :, -need:], flw[:, :, -need:]
         b, t = seg.shape[0], seg.shape[2]
@@ -150,4 +150,4 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
     tc, per = tc_from_confusion(cm, eval_ids)
     return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
-            "keyframe_interval": k}
+            "keyframe_distance": k}

@@ -6,8 +6,10 @@
         --keyframe-interval 5
 
 An Accel checkpoint (this project's best.pt/last.pt, the release's stage-two best.pth) runs
-streaming (`sfc.predict.stream`): the reference branch on every K-th frame, its prediction
-carried forward by the FlowNet's flow, the update branch on every frame. A single-frame SegNet
+streaming, as it was trained (`sfc.predict.stream`): with the keyframe interval N (default 5) a
+keyframe's output is the reference branch alone; a frame d = 1 … N-1 frames later is the fusion
+of the keyframe's reference logits, carried forward by the FlowNet's flow, with the frame's
+update branch — exactly what `sfc.evaluate --keyframe-distance d` scores. A single-frame SegNet
 checkpoint (a stage-one run) predicts each frame alone. Frames are resized (bicubic) to the
 network size, the logits upsampled (bilinear) back to the frame's own size. Writes under --out:
 
@@ -15,7 +17,8 @@ network size, the logits upsampled (bilinear) back to the frame's own size. Writ
   labelIds/NAME.png  Cityscapes labelIds (cityscapesscripts / the evaluation server read them)
   overlay/NAME.png   frame and colours blended
   prediction.mp4     frame | prediction, side by side
-  predict.json       checkpoint, classes, size, keyframes, frames/s measured
+  predict.json       checkpoint, classes, size, the interval, each frame's keyframe distance,
+                     frames/s measured
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from sfc.predict.stream import StreamingAccel
 
 DEFAULT_SIZE = (1024, 512)  # the release's Cityscapes input size (method §2.3)
 DEFAULT_FPS = 17.0  # Cityscapes sequences are recorded at 17 Hz
+DEFAULT_INTERVAL = 5  # keyframe period of the streaming Accel (Accel's own default is 5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--frames", metavar="DIR", help="a folder of frames (name order)")
     src.add_argument("--video", metavar="FILE", help="a video file (read with OpenCV)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--keyframe-interval", type=int, default=1, metavar="K",
-                   help="Accel: run the reference branch on every K-th frame (default 1)")
+    p.add_argument("--keyframe-interval", type=int, default=DEFAULT_INTERVAL, metavar="N",
+                   help="Accel: the keyframe period — the reference branch runs on frames 0, "
+                        "N, 2N, ... (their output), frames in between are flow-propagated and "
+                        f"fused (default {DEFAULT_INTERVAL}; 1: every frame a keyframe, the "
+                        "reference branch alone)")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
                    help="network input size (default: the checkpoint's training size, else "
                         "1024 512)")
@@ -136,7 +143,7 @@ def run(args) -> dict:
     check_classes(info, source)
     protocol = get_protocol(SOURCE_CLASSES[source])
     size = tuple(args.size or info.config.get("target_size") or DEFAULT_SIZE)
-    if info.mode != "accel" and args.keyframe_interval != 1:
+    if info.mode != "accel" and args.keyframe_interval not in (1, DEFAULT_INTERVAL):
         raise flags.FlagError(f"--keyframe-interval applies to Accel checkpoints; "
                               f"{info.path} is a single-frame SegNet")
     frames = (FrameFolder(args.frames, args.limit) if args.frames
@@ -146,7 +153,8 @@ def run(args) -> dict:
     out = Path(args.out)
     writer = _Writer(out, protocol.palette, protocol.num_classes, frames.size,
                      args.fps or frames.fps or DEFAULT_FPS)
-    keyframes, names, model_s, t_all = [], [], 0.0, time.perf_counter()
+    keyframes, distances, names = [], [], []
+    model_s, t_all = 0.0, time.perf_counter()
     bar = tqdm(frames, total=len(frames) or None, desc="predict", dynamic_ncols=True,
                disable=args.no_progress)
     try:
@@ -155,9 +163,10 @@ def run(args) -> dict:
                 seg, flow = _tensors(_resize(rgb, size), device)
                 t0 = time.perf_counter()
                 if stream is not None:
-                    if stream.is_keyframe():
-                        keyframes.append(i)
                     logits = stream.step(seg, flow)  # (1, C, H, W)
+                    distances.append(stream.distance)
+                    if stream.distance == 0:
+                        keyframes.append(i)
                 else:
                     logits = model(seg)
                     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
@@ -180,16 +189,20 @@ def run(args) -> dict:
         "size": list(size), "frame_size": list(frames.size),
         "input": os.fspath(args.frames or args.video), "frames": n, "names": names,
         "keyframe_interval": args.keyframe_interval if stream is not None else None,
-        "keyframes": keyframes if stream is not None else None, "device": str(device),
+        "keyframes": keyframes if stream is not None else None,
+        "keyframe_distances": distances if stream is not None else None,
+        "device": str(device),
         "frames_per_s_model": round(n / model_s, 3) if model_s > 0 else None,
         "frames_per_s_total": round(n / total_s, 3) if total_s > 0 else None,
         "outputs": {"color": "color/", "labelIds": "labelIds/", "overlay": "overlay/",
                     "video": writer.mp4.name},
     }
     (out / "predict.json").write_text(json.dumps(record, indent=2) + "\n")
+    how = (f"Accel, keyframe interval {args.keyframe_interval}: {len(keyframes)} keyframes "
+           f"(reference branch), {n - len(keyframes)} flow-propagated" if stream is not None
+           else "single-frame SegNet: every frame alone")
     print(f"{n} frames → {out} ({record['frames_per_s_model']} frames/s for the model, "
-          f"{record['frames_per_s_total']} with reading and writing; "
-          f"{len(keyframes) if stream is not None else n} reference passes)")
+          f"{record['frames_per_s_total']} with reading and writing; {how})")
     return record
 
 
