@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +30,23 @@ class FlagError(ValueError):
 BAD_INPUT = (FlagError, CheckpointFormatError, DatasetError, FileNotFoundError)
 
 
+def one_line(error: Exception) -> str:
+    """The error's own message. A DataLoader worker's exception comes back with the worker's
+    traceback in its message ("Caught DatasetError in DataLoader worker process 0. Original
+    Traceback ..."): keep only the original message, the same line as with 0 workers."""
+    msg = str(error)
+    if "Original Traceback" in msg:
+        pat = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): (.*)$")
+        last = [m.group(1) for ln in msg.strip().splitlines() if (m := pat.match(ln.strip()))]
+        if last:
+            return last[-1]
+    return msg
+
+
 def report(prog: str, error: Exception) -> int:
-    """Print `prog: error: ...` on stderr; returns the exit status 2."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    """Print `prog: error: ...` on stderr (one line, also for a loader worker's error);
+    returns the exit status 2."""
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     return 2
 
 

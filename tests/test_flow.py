@@ -471,3 +471,27 @@ def test_evaluate_takes_run_directories_and_the_trained_size(tiny_runs, tiny_dat
     rec = json.loads((tmp_path / "r.json").read_text())
     trained = json.loads((Path(run) / "config.json").read_text())["config"]["target_size"]
     assert rec["input_size"] == trained and "trained at" not in r.stderr
+
+
+def test_evaluate_data_error_in_a_worker_is_one_line(tiny_data, tmp_path):
+    """A truncated frame read by a DataLoader worker: the same one line as with 0 workers."""
+    import shutil
+
+    from sfc.models import Accel
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "Cityscapes", root / "Cityscapes")
+    frame = sorted((root / "Cityscapes/leftImg8bit_sequence/val").rglob("*_000018_*.png"))[0]
+    frame.write_bytes(frame.read_bytes()[:200])  # truncated
+    torch.save(Accel(15, layers=(1, 1, 1, 1), width=8).state_dict(), tmp_path / "a.pth")
+    errs = []
+    for workers in ("0", "2"):
+        r = subprocess.run([sys.executable, "-m", "sfc.evaluate", "--checkpoint",
+                            str(tmp_path / "a.pth"), "--data", str(root), "--size", "48", "24",
+                            "--workers", workers, "--no-progress"], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = [ln for ln in r.stderr.strip().splitlines() if "error" in ln]
+        assert len(lines) == 1 and frame.name in lines[0]
+        errs.append(lines[0])
+    assert errs[0] == errs[1]

@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         run(args)
     except flags.BAD_INPUT as e:
         # Bad input: one readable line naming the file and what was expected, no traceback.
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {flags.one_line(e)}\n")
     finally:
         dist.cleanup()
     return 0
