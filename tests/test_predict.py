@@ -193,3 +193,104 @@ def test_predict_errors_are_one_line(tiny_data, ckpts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("sfc.predict: error: ") and msg in err, err
         assert "Traceback" not in err
+
+
+def test_predict_png_as_video_is_one_line_and_writes_nothing(tiny_data, ckpts, tmp_path, capsys):
+    _, files = _frames(tiny_data)
+    out = tmp_path / "o"
+    assert main(["--checkpoint", str(ckpts / "accel.pth"), "--video", str(files[0]), "--out",
+                 str(out), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "an image file, not a video" in err and "Traceback" not in err
+    assert not any(out.iterdir())  # no color/, labelIds/, overlay/, MP4 or JSON
+
+
+def _run(ckpts, folder, out, *extra):
+    return main(["--checkpoint", str(ckpts / "accel.pth"), "--frames", str(folder), "--out",
+                 str(out), "--size", "64", "32", "--keyframe-interval", "3", "--limit", "8",
+                 "--device", "cpu", "--no-progress", *map(str, extra)])
+
+
+def test_predict_sigterm_saves_progress_and_the_same_command_resumes(tiny_data, ckpts,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    """SIGTERM after the 4th frame: exit 143, predict.json says 4 of 8 frames, no temporary
+    files; the same command resumes from the keyframe at or before the first missing frame and
+    ends with exactly the files of an uninterrupted run."""
+    import os
+    import signal as sig
+
+    from sfc.predict import cli
+
+    folder, _ = _frames(tiny_data)
+    assert _run(ckpts, folder, tmp_path / "ref") == 0
+    real = cli._Writer.__call__
+    calls = {"n": 0}
+
+    def writer_then_term(self, name, rgb, pred):
+        real(self, name, rgb, pred)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), sig.SIGTERM)  # the scheduler's signal, mid-video
+
+    monkeypatch.setattr(cli._Writer, "__call__", writer_then_term)
+    out = tmp_path / "run"
+    assert _run(ckpts, folder, out) == 143
+    assert "interrupted after 4 of 8 frames (SIGTERM)" in capsys.readouterr().err
+    rec = json.loads((out / "predict.json").read_text())
+    assert rec["complete"] is False and rec["frames"] == 4 and rec["interrupted_by"] == "SIGTERM"
+    assert not [p for p in out.rglob(".*")]  # no temporary file left
+    assert cv2.VideoCapture(str(out / "prediction.mp4")).isOpened()  # a finalised MP4
+    monkeypatch.setattr(cli._Writer, "__call__", real)
+    assert _run(ckpts, folder, out) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    assert rec["complete"] is True and rec["frames"] == 8 and rec["frames_resumed"] == 3
+    assert rec["keyframes"] == [0, 3, 6] and rec["keyframe_distances"][:4] == [0, 1, 2, 0]
+    for d in ("color", "labelIds", "overlay"):
+        for f in sorted((tmp_path / "ref" / d).iterdir()):
+            assert (out / d / f.name).read_bytes() == f.read_bytes(), f
+    cap, n = cv2.VideoCapture(str(out / "prediction.mp4")), 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 8
+
+
+def test_predict_refuses_another_jobs_out_unless_overwrite(tiny_data, ckpts, tmp_path, capsys):
+    folder, _ = _frames(tiny_data)
+    out = tmp_path / "o"
+    assert _run(ckpts, folder, out) == 0
+    capsys.readouterr()
+    other = ["--checkpoint", str(ckpts / "segnet.pth"), "--frames", str(folder), "--out",
+             str(out), "--size", "64", "32", "--limit", "2", "--device", "cpu", "--no-progress"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "holds the predictions of another job" in err and "--overwrite" in err
+    assert main([*other, "--overwrite"]) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    assert rec["mode"] == "segnet" and rec["frames"] == 2
+    assert len(list((out / "color").iterdir())) == 2  # the other job's 8 frames are gone
+
+
+def test_predict_full_disk_is_one_line_and_leaves_no_broken_file(tiny_data, ckpts, tmp_path,
+                                                                 monkeypatch, capsys):
+    import errno
+
+    from sfc.predict import cli
+
+    real = cli._atomic_png
+    count = {"n": 0}
+
+    def fills_up(img, path):
+        count["n"] += 1
+        if count["n"] > 7:  # the 3rd frame's second file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(img, path)
+
+    monkeypatch.setattr(cli, "_atomic_png", fills_up)
+    folder, _ = _frames(tiny_data)
+    out = tmp_path / "o"
+    assert _run(ckpts, folder, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    assert str(out) in err and "after 2 of 8 frames" in err and "resume" in err
+    assert not (out / "prediction.mp4").exists() and not [p for p in out.rglob(".*")]

@@ -26,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="predict only the first N frames")
     p.add_argument("--fps", type=float, default=None,
                    help="frame rate of the MP4 (default: the video's, else 17)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another job in --out (refused otherwise); the "
+                        "same command again resumes instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -107,32 +113,116 @@ def _tensors(rgb: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     return seg, flow
 
 
+OUTPUT_DIRS = ("color", "labelIds", "overlay")
+MP4 = "prediction.mp4"
+
+
+def _atomic_png(img: Image.Image, path: Path) -> None:
+    """Save through a temporary file in the same folder and rename: a killed or failed write
+    never leaves a truncated PNG under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class _Writer:
-    """The per-frame files and the side-by-side MP4."""
+    """The per-frame files (each written atomically) and the side-by-side MP4 (written under a
+    temporary name; `close(keep=True)` finalises and renames it, `keep=False` removes it)."""
 
     def __init__(self, out: Path, palette, num_classes: int, frame_size, fps: float):
         self.out = out
-        for d in ("color", "labelIds", "overlay"):
+        for d in OUTPUT_DIRS:
             (out / d).mkdir(parents=True, exist_ok=True)
         self.palette = palette
         self.label_ids = labelids_of_train_ids(num_classes)
         w, h = frame_size
-        self.mp4 = out / "prediction.mp4"
-        self.video = cv2.VideoWriter(str(self.mp4), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+        self.mp4 = out / MP4
+        self.tmp_mp4 = out / f".{MP4}.tmp.mp4"
+        self.video = cv2.VideoWriter(str(self.tmp_mp4), cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                      (2 * w, h))
         if not self.video.isOpened():
-            raise DatasetError(f"{self.mp4}: OpenCV cannot write an MP4 (mp4v) here")
+            self.tmp_mp4.unlink(missing_ok=True)
+            raise DatasetError(f"{self.mp4}: OpenCV cannot write an MP4 (mp4v) in {out} (is "
+                               "the disk full or the folder read-only?)")
 
     def __call__(self, name: str, rgb: np.ndarray, pred: np.ndarray) -> None:
         colour = vis.colorize(pred, self.palette)  # (H0, W0, 3)
-        Image.fromarray(colour).save(self.out / "color" / f"{name}.png")
-        Image.fromarray(self.label_ids[pred]).save(self.out / "labelIds" / f"{name}.png")
+        _atomic_png(Image.fromarray(colour), self.out / "color" / f"{name}.png")
+        _atomic_png(Image.fromarray(self.label_ids[pred]), self.out / "labelIds" / f"{name}.png")
         blend = (0.5 * rgb.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
-        Image.fromarray(blend).save(self.out / "overlay" / f"{name}.png")
+        _atomic_png(Image.fromarray(blend), self.out / "overlay" / f"{name}.png")
+        self.frame(rgb, colour)
+
+    def frame(self, rgb: np.ndarray, colour: np.ndarray) -> None:
+        """One MP4 frame: input | colour prediction."""
         self.video.write(cv2.cvtColor(np.concatenate([rgb, colour], axis=1), cv2.COLOR_RGB2BGR))
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
         self.video.release()
+        if keep and self.tmp_mp4.is_file():
+            os.replace(self.tmp_mp4, self.mp4)
+        else:
+            self.tmp_mp4.unlink(missing_ok=True)
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during prediction: `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _done(out: Path, name: str) -> bool:
+    return all((out / d / f"{name}.png").is_file() for d in OUTPUT_DIRS)
+
+
+def _check_out(out: Path, want: dict, overwrite: bool) -> dict | None:
+    """The earlier `predict.json` in `out` if it holds this same job (resume); another job's
+    results are refused unless --overwrite (then removed)."""
+    pj = out / "predict.json"
+    if not pj.is_file() and not any((out / d).is_dir() for d in OUTPUT_DIRS):
+        return None
+    try:
+        old = json.loads(pj.read_text()) if pj.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    same = all(old.get(k) == v for k, v in want.items())
+    if same and old:
+        return old
+    if not overwrite:
+        have = old.get("input", "an unknown input (no readable predict.json)")
+        raise flags.FlagError(f"--out {out} holds the predictions of another job ({have}, "
+                              f"{old.get('checkpoint', '?')}); use another --out, or "
+                              "--overwrite to replace them")
+    for d in OUTPUT_DIRS:
+        shutil.rmtree(out / d, ignore_errors=True)
+    for f in (pj, out / MP4):
+        f.unlink(missing_ok=True)
+    return None
+
+
+def _signals():
+    """SIGTERM (what a scheduler sends) and SIGINT stop after the current frame."""
+    state = {"signum": 0}
+
+    def handler(signum, frame):
+        if state["signum"]:  # a second signal: stop at once
+            raise Interrupted(signum)
+        state["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return state, old
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def run(args) -> dict:
@@ -148,18 +238,45 @@ def run(args) -> dict:
                               f"{info.path} is a single-frame SegNet")
     frames = (FrameFolder(args.frames, args.limit) if args.frames
               else VideoFile(args.video, args.limit))
-    model = build_model(info).to(device).eval()
-    stream = StreamingAccel(model, args.keyframe_interval) if info.mode == "accel" else None
     out = Path(args.out)
+    interval = args.keyframe_interval if info.mode == "accel" else None
+    job = {"checkpoint": os.fspath(args.checkpoint), "input": os.fspath(args.frames or
+                                                                        args.video),
+           "size": list(size), "keyframe_interval": interval, "source": source}
+    resumed = _check_out(out, job, args.overwrite)
+    model = build_model(info).to(device).eval()
+    stream = StreamingAccel(model, args.keyframe_interval) if stream_mode(info) else None
+    total = len(frames) or None
     writer = _Writer(out, protocol.palette, protocol.num_classes, frames.size,
                      args.fps or frames.fps or DEFAULT_FPS)
-    keyframes, distances, names = [], [], []
+    keyframes, distances, names, skipped = [], [], [], 0
+    restart = 0  # resuming: the first frame to compute (a keyframe for Accel)
+    if resumed is not None:
+        known = frames.names()
+        first_missing = next((i for i, n in enumerate(known) if not _done(out, n)), len(known))
+        restart = first_missing - first_missing % (interval or 1)
     model_s, t_all = 0.0, time.perf_counter()
-    bar = tqdm(frames, total=len(frames) or None, desc="predict", dynamic_ncols=True,
-               disable=args.no_progress)
+    bar = tqdm(frames, total=total, desc="predict", dynamic_ncols=True, disable=args.no_progress)
+    state, old_handlers = _signals()
+    record = dict(job)
+    complete = False
     try:
         with torch.no_grad():
             for i, (name, rgb) in enumerate(bar):
+                if state["signum"]:
+                    raise Interrupted(state["signum"])
+                if i < restart:
+                    # written by the interrupted run: its colour PNG goes into the MP4 as is
+                    colour = np.asarray(Image.open(out / "color" / f"{name}.png").convert("RGB"))
+                    writer.frame(rgb, colour)
+                    if stream is not None:
+                        stream.t += 1  # keep the keyframe phase
+                        distances.append(i % interval)
+                        if i % interval == 0:
+                            keyframes.append(i)
+                    names.append(name)
+                    skipped += 1
+                    continue
                 seg, flow = _tensors(_resize(rgb, size), device)
                 t0 = time.perf_counter()
                 if stream is not None:
@@ -178,39 +295,60 @@ def run(args) -> dict:
                 model_s += time.perf_counter() - t0
                 writer(name, rgb, pred)
                 names.append(name)
-    finally:
-        writer.close()
+        complete = True
+    except OSError as e:  # a full disk, a folder that went away: say where and how far
+        writer.close(keep=False)
         bar.close()
-    total_s = time.perf_counter() - t_all
+        raise DatasetError(f"writing to {out} failed ({e.strerror or e}) after {len(names)} "
+                           f"of {total or '?'} frames; free space or use another --out, then "
+                           "run the same command again to resume") from None
+    except (KeyboardInterrupt, Interrupted) as e:
+        record["interrupted_by"] = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    finally:
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        bar.close()
+    writer.close(keep=True)  # the frames done (all of them when complete) form a valid MP4
     n = len(names)
-    record = {
-        "checkpoint": os.fspath(args.checkpoint), "checkpoint_format": info.fmt,
-        "mode": info.mode, "source": source, "classes": protocol.class_names,
-        "size": list(size), "frame_size": list(frames.size),
-        "input": os.fspath(args.frames or args.video), "frames": n, "names": names,
-        "keyframe_interval": args.keyframe_interval if stream is not None else None,
-        "keyframes": keyframes if stream is not None else None,
+    total_s = time.perf_counter() - t_all
+    computed = n - skipped
+    record.update({
+        "checkpoint_format": info.fmt, "mode": info.mode, "classes": protocol.class_names,
+        "frame_size": list(frames.size), "complete": complete, "frames": n, "names": names,
+        "frames_resumed": skipped, "keyframes": keyframes if stream is not None else None,
         "keyframe_distances": distances if stream is not None else None,
         "device": str(device),
-        "frames_per_s_model": round(n / model_s, 3) if model_s > 0 else None,
-        "frames_per_s_total": round(n / total_s, 3) if total_s > 0 else None,
+        "frames_per_s_model": round(computed / model_s, 3) if model_s > 0 else None,
+        "frames_per_s_total": round(computed / total_s, 3) if total_s > 0 and computed else None,
         "outputs": {"color": "color/", "labelIds": "labelIds/", "overlay": "overlay/",
-                    "video": writer.mp4.name},
-    }
-    (out / "predict.json").write_text(json.dumps(record, indent=2) + "\n")
+                    "video": MP4},
+    })
+    _write_json(out / "predict.json", record)
+    if not complete:
+        print(f"sfc.predict: interrupted after {n} of {total or '?'} frames "
+              f"({record['interrupted_by']}); {out / 'predict.json'} says which — run the same "
+              "command again to resume", file=sys.stderr)
+        return record
     how = (f"Accel, keyframe interval {args.keyframe_interval}: {len(keyframes)} keyframes "
            f"(reference branch), {n - len(keyframes)} flow-propagated" if stream is not None
            else "single-frame SegNet: every frame alone")
+    more = f"; {skipped} resumed from an earlier run" if skipped else ""
     print(f"{n} frames → {out} ({record['frames_per_s_model']} frames/s for the model, "
-          f"{record['frames_per_s_total']} with reading and writing; {how})")
+          f"{record['frames_per_s_total']} with reading and writing; {how}{more})")
     return record
+
+
+def stream_mode(info) -> bool:
+    return info.mode == "accel"
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
+        record = run(args)
     except flags.BAD_INPUT as e:
         return flags.report("sfc.predict", e)
+    if not record.get("complete", True):  # 128 + signal: 130 Ctrl-C, 143 SIGTERM
+        return 128 + signal.Signals[record["interrupted_by"]].value
     return 0

@@ -50,6 +50,9 @@ class FrameFolder:
     def __len__(self) -> int:
         return len(self.files)
 
+    def names(self) -> list[str]:
+        return [p.stem for p in self.files]
+
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for p in self.files:
             yield p.stem, read_rgb(p)  # (H, W, 3) uint8 RGB at the file's size
@@ -62,6 +65,9 @@ class VideoFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise DatasetError(f"--video {self.path}: no such file")
+        if self.path.suffix.lower() in IMAGE_SUFFIXES:
+            raise DatasetError(f"--video {self.path}: an image file, not a video; pass the "
+                               "folder of a video's frames with --frames")
         cap = cv2.VideoCapture(str(self.path))
         ok, frame = cap.read() if cap.isOpened() else (False, None)
         if not ok or frame is None:
@@ -69,7 +75,7 @@ class VideoFile:
             raise DatasetError(f"--video {self.path}: cannot be read as a video (OpenCV "
                                "decodes no frame from it)")
         self.fps = cap.get(cv2.CAP_PROP_FPS) or None
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        count = max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0)  # -1: unknown
         cap.release()
         self.size = (frame.shape[1], frame.shape[0])
         self.limit = limit
@@ -77,6 +83,10 @@ class VideoFile:
 
     def __len__(self) -> int:
         return self.count
+
+    def names(self) -> list[str]:
+        """The frame names, as far as the container tells the frame count (else none)."""
+        return [f"frame_{i:06d}" for i in range(self.count)]
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         cap = cv2.VideoCapture(str(self.path))
