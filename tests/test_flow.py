@@ -495,3 +495,30 @@ def test_evaluate_data_error_in_a_worker_is_one_line(tiny_data, tmp_path):
         assert len(lines) == 1 and frame.name in lines[0]
         errs.append(lines[0])
     assert errs[0] == errs[1]
+
+
+def test_snippets_without_a_label_are_counted_and_flagged(tiny_data, tmp_path):
+    """A val snippet whose gtFine label is missing: sfc.evaluate says how many are left out
+    (and records it); sfc.data.check flags them (exit 1)."""
+    import shutil
+
+    from sfc.data.check import main as check_main
+    from sfc.models import Accel
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "Cityscapes", root / "Cityscapes")
+    label = sorted((root / "Cityscapes/gtFine/val").rglob("*_gtFine_labelIds.png"))[0]
+    snippet = "_".join(label.name.split("_")[:2])
+    label.unlink()
+    torch.save(Accel(15, layers=(1, 1, 1, 1), width=8).state_dict(), tmp_path / "a.pth")
+    r = subprocess.run([sys.executable, "-m", "sfc.evaluate", "--checkpoint",
+                        str(tmp_path / "a.pth"), "--data", str(root), "--size", "48", "24",
+                        "--workers", "0", "--no-progress", "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"1 val snippets under {root / 'Cityscapes'} have frames but no gtFine label" in \
+        r.stderr and snippet in r.stderr
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["snippets_without_label"] == 1 and rec["num_images"] == 1
+    assert check_main(["--dataset", "cityscapes", "--root", str(root)]) == 1
+    assert check_main(["--dataset", "cityscapes", "--root", str(tiny_data)]) == 0

@@ -6,7 +6,9 @@
 
 Prints the number of clips that are OK, have a missing file, or have a broken file (unreadable,
 truncated, wrong format, unknown ids, a label of another size than its frame), with the first
-few examples, and exits 1 if anything is wrong (2 if the tree itself cannot be opened).
+few examples — for Cityscapes also the snippets that have frames but no gtFine label (they
+would never be evaluated) — and exits 1 if anything is wrong (2 if the tree itself cannot be
+opened).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def check_dataset(name: str, root, split=None, frames=2, prev_label=False, list_
             raise ValueError("--prev-label applies to viper and synthia_seq only")
         kwargs["prev_label"] = True
     ds = DATASET_CLASSES[name](resolve_root(name, root), **kwargs)
-    report = {"ok": 0, "missing": [], "broken": [], "total": len(ds), "dataset": repr(ds)}
+    report = {"ok": 0, "missing": [], "broken": [], "total": len(ds), "dataset": repr(ds),
+              "unlabelled": []}
+    if name == "cityscapes" and list_file is None:  # snippets with frames but no label
+        report["unlabelled"] = ds.unlabelled_snippets()
     for i in tqdm(range(len(ds)), desc=f"checking {name}", disable=not progress):
         try:
             _check_sizes(ds[i], ds.items[i])
@@ -87,7 +92,10 @@ def main(argv=None) -> int:
     for kind in ("missing", "broken"):
         for item, msg in r[kind][: a.examples]:
             print(f"  {kind}: {item}: {msg}")
-    return 0 if r["ok"] == r["total"] else 1
+    if r["unlabelled"]:
+        print(f"snippets with frames but no gtFine label (never evaluated): "
+              f"{len(r['unlabelled'])}, first {', '.join(r['unlabelled'][: a.examples])}")
+    return 0 if r["ok"] == r["total"] and not r["unlabelled"] else 1
 
 
 if __name__ == "__main__":

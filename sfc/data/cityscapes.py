@@ -83,6 +83,18 @@ class CityscapesSeq(ClipDataset):
                     items.append((m.group(1), m.group(2), int(m.group(3))))
         return items
 
+    def unlabelled_snippets(self) -> list[str]:
+        """``CITY_SSSSSS`` of every snippet with frames under ``leftImg8bit_sequence`` but no
+        ``gtFine`` label (not evaluated: a missing or misplaced label file)."""
+        labelled = {(c, q) for c, q, _ in self.items}
+        found = set()
+        for city in list_dirs(self.img_dir):
+            for fname in list_files(self.img_dir / city, "_leftImg8bit.png"):
+                m = _NAME.match(fname)
+                if m:
+                    found.add((m.group(1), m.group(2)))
+        return [f"{c}_{q}" for c, q in sorted(found - labelled)]
+
     def image_path(self, city: str, seq: str, f: int) -> Path:
         return self.img_dir / city / f"{city}_{seq}_{f:06d}_leftImg8bit.png"
 

@@ -237,6 +237,15 @@ def run(args) -> dict | None:
         return make_eval_loader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                 pin_memory=device.type == "cuda")
 
+    unlabelled = []
+    if args.list_file is None:  # snippets with frames but no label are not evaluated: say so
+        unlabelled = CityscapesSeq(root, split=args.split, frames=1, size=None,
+                                   classes=protocol.num_classes).unlabelled_snippets()
+        if unlabelled and dist.is_main():
+            print(f"warning: {len(unlabelled)} {args.split} snippets under {root} have frames "
+                  f"but no gtFine label and are not evaluated (first: "
+                  f"{', '.join(unlabelled[:3])}); python -m sfc.data.check lists them",
+                  file=sys.stderr)
     model = build_model(info, args.layers, args.width).to(device)
     tc_net, tc_judge = None, None
     if args.temporal_consistency:
@@ -276,6 +285,7 @@ def run(args) -> dict | None:
             class_protocol=protocol.name, input_size=list(args.size),
             world_size=info_d.world_size, keyframe_distance=k0,
         )
+        record["snippets_without_label"] = len(unlabelled)
         if len(per_k) > 1 or k0 != 1 or tc_net is not None:
             record["keyframe_distances"] = [_k_record(k, r, protocol) for k, r in per_k]
         if tc_net is not None:
