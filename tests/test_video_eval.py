@@ -150,3 +150,35 @@ def test_keyframe_distance_of_a_segnet_is_refused(tiny_data, files, capsys):
         main(["--checkpoint", str(files / "segnet.pth"), "--data", str(tiny_data), "--size",
               *SIZE, "--keyframe-distance", "2", "--device", "cpu"])
     assert e.value.code == 2 and "applies to Accel checkpoints" in capsys.readouterr().err
+
+
+def test_tc_as_deployed_runs_the_streaming_accel(tiny_data, files, tmp_path, capsys):
+    """--tc-keyframe-interval N: TC over all consecutive pairs of each snippet's frames up to
+    the labelled one, with the streaming Accel (keyframes the reference branch alone); it
+    equals a hand-run of StreamingAccel judged by the same flow."""
+    from sfc.data import CityscapesSeq
+    from sfc.evaluate.checkpoint import build_model, inspect_checkpoint
+    from sfc.evaluate.temporal import gt_consistency_confusion, tc_from_confusion
+    from sfc.models import StreamingAccel
+
+    rc, rec = cli(tiny_data, files / "accel.pth", tmp_path, "--temporal-consistency",
+                  "--tc-flow", "gt", "--tc-keyframe-interval", "1", "5")
+    assert rc == 0
+    s = {r["keyframe_interval"]: r for r in rec["tc_streaming"]}
+    assert sorted(s) == [1, 5] and s[5]["pairs"] == 19 and s[5]["streaming"] is True
+    assert "TC as deployed, keyframe interval 5" in capsys.readouterr().out
+    ds = CityscapesSeq(tiny_data / "Cityscapes", split="val", frames=20,
+                       size=tuple(map(int, SIZE)), gt_flow=True)
+    model = build_model(inspect_checkpoint(str(files / "accel.pth"), "accel")).eval()
+    cm = torch.zeros(15, 15, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            st = StreamingAccel(model, 5)
+            preds = [st.step(item["seg"][None, :, t], item["flow"][None, :, t]).argmax(1)
+                     for t in range(20)]
+            for t in range(1, 20):
+                cm += gt_consistency_confusion(preds[t - 1], preds[t],
+                                               item["flow_gt"][None, t - 1], 15)
+    want, _ = tc_from_confusion(cm, range(15))
+    assert s[5]["tc"] == pytest.approx(want, abs=1e-9)

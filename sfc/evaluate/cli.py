@@ -31,7 +31,7 @@ from sfc.evaluate.checkpoint import (
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet
 from sfc.evaluate.data import NativeLabels, make_eval_loader
 from sfc.evaluate.metrics import format_table, metrics_record, write_csv, write_json
-from sfc.evaluate.temporal import evaluate_temporal_consistency
+from sfc.evaluate.temporal import evaluate_streaming_tc, evaluate_temporal_consistency
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-network", choices=FLOW_NETWORKS, default=None,
                    help="--flow: which FlowNetS of a file holding several (default: the "
                         "optical-flow FlowNet, else flownet_global; the SFM only if named)")
+    p.add_argument("--tc-keyframe-interval", type=int, nargs="+", default=None, metavar="N",
+                   help="Accel: also TC as deployed, per keyframe interval N (a period): the "
+                        "streaming Accel of sfc.predict runs through each snippet's frames up "
+                        "to the labelled one and TC counts all consecutive pairs, so switches "
+                        "at keyframes count (needs --temporal-consistency)")
     p.add_argument("--tc-pairs", type=int, default=5,
                    help="frame pairs per snippet for TC, ending at the labelled frame (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,6 +181,9 @@ def validate(args) -> None:
                       or args.save_pred):
         raise flags.FlagError("--flow evaluates a FlowNetS alone; --temporal-consistency, "
                               "--keyframe-distance and --save-pred apply to segmentation")
+    flags.check_ints(args, "tc_keyframe_interval", 1)
+    if args.tc_keyframe_interval and not args.temporal_consistency:
+        raise flags.FlagError("--tc-keyframe-interval needs --temporal-consistency")
     if args.temporal_consistency and args.tc_flow == "flownet":
         if args.tc_flownet is None:
             raise flags.FlagError("--temporal-consistency needs --tc-flow gt (ground-truth flow "
@@ -273,6 +281,16 @@ def run(args) -> dict | None:
                 protocol.eval_ids, pairs=args.tc_pairs, keyframe_distance=k, device=device,
                 progress=not args.no_progress)
         per_k.append((k, res))
+    streaming = []
+    if tc_net is not None and info.mode == "accel":
+        for n in args.tc_keyframe_interval or []:  # TC as deployed: the streaming Accel
+            streaming.append(evaluate_streaming_tc(
+                model, loader_of(MAX_KEYFRAME_DISTANCE + 1, gt_flow=tc_net == "gt"), tc_net,
+                protocol.num_classes, protocol.eval_ids, n, device=device,
+                progress=not args.no_progress))
+    elif args.tc_keyframe_interval and info.mode != "accel":
+        raise flags.FlagError(f"--tc-keyframe-interval applies to Accel checkpoints; "
+                              f"{info.path} is a single-frame SegNet")
     record = None
     if dist.is_main():
         k0, res = per_k[0]
@@ -294,7 +312,16 @@ def run(args) -> dict | None:
             record["tc_judge"] = tc_judge
             if args.tc_flow == "flownet":
                 record["tc_flownet"] = os.fspath(args.tc_flownet)
+        if streaming:
+            names, ids = protocol.class_names, list(protocol.eval_ids)
+            record["tc_streaming"] = [
+                {k: v for k, v in r.items() if k != "per_class"}
+                | {"per_class": {names[i]: r["per_class"][i] for i in ids}} for r in streaming]
         print(format_table(record))
+        for r in streaming:
+            print(f"TC as deployed, keyframe interval {r['keyframe_interval']}: "
+                  f"{100 * r['tc']:.2f} % over all {r['pairs']} consecutive pairs of "
+                  f"{r['num_snippets']} snippets (streaming Accel)")
         if tc_judge is not None:
             print(f"TC judged by: {tc_judge}")
         if args.json:

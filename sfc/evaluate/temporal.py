@@ -151,3 +151,49 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
     tc, per = tc_from_confusion(cm, eval_ids)
     return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
             "keyframe_distance": k}
+
+
+@torch.no_grad()
+def evaluate_streaming_tc(model, loader, judge, num_classes: int, eval_ids,
+                          keyframe_interval: int, device="cpu", progress: bool = True) -> dict:
+    """TC **as deployed**: the streaming Accel (`sfc.models.StreamingAccel`, interval N) runs
+    through each clip from its first frame — keyframes output the reference branch alone,
+    frames after them the propagated fusion — and TC accumulates over *all* consecutive pairs,
+    so the switches at keyframes count. `judge`: a FlowNetS or "gt" (as
+    `evaluate_temporal_consistency`). Returns {"tc", "per_class", "pairs", "num_snippets",
+    "keyframe_interval", "streaming": True}."""
+    from sfc.models.streaming import StreamingAccel
+
+    device = torch.device(device)
+    gt = isinstance(judge, str)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    stream = StreamingAccel(model, keyframe_interval)
+    was = model.training
+    model.eval()
+    if not gt:
+        judge.eval()
+    seen, pairs = 0, 0
+    bar = tqdm(loader, desc=f"streaming TC N={keyframe_interval}", leave=False,
+               dynamic_ncols=True, disable=not (progress and dist.is_main()))
+    for batch in bar:
+        seg, flw = batch["seg"].to(device), batch["flow"].to(device)  # (B, 3, T, H, W)
+        t_len, size = seg.shape[2], seg.shape[-2:]
+        stream.reset()
+        preds = [stream.step(seg[:, :, t], flw[:, :, t]).argmax(1) for t in range(t_len)]
+        for t in range(1, t_len):
+            if gt:
+                fwd = batch["flow_gt"].to(device)[:, t - 1]  # (B, 2, H, W): t-1 -> t
+                cm += gt_consistency_confusion(preds[t - 1], preds[t], fwd, num_classes)
+            else:
+                flow = judge(torch.cat((flw[:, :, t], flw[:, :, t - 1]), 1))
+                cm += consistency_confusion(preds[t], preds[t - 1], flow, num_classes)
+        seen += seg.shape[0]
+        pairs = t_len - 1
+        del size
+    bar.close()
+    model.train(was)
+    dist.all_reduce_sum(cm)
+    n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
+    tc, per = tc_from_confusion(cm, eval_ids)
+    return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
+            "keyframe_interval": int(keyframe_interval), "streaming": True}

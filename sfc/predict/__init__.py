@@ -1,7 +1,8 @@
 """Applying a trained model to video: ``python -m sfc.predict`` / ``sfc-predict``.
 
-* :mod:`.stream`  ``StreamingAccel``: Accel frame by frame, the reference branch on every K-th
-                  frame, its 1/4-resolution logits carried forward by the FlowNet's flow
+* :mod:`.stream`  ``StreamingAccel`` (from :mod:`sfc.models.streaming`): Accel frame by frame
+                  as trained — keyframes the reference branch alone, frames after them its
+                  flow-propagated logits fused with the update branch
 * :mod:`.frames`  reading a folder of images or a video file (OpenCV), with clear errors
 * :mod:`.cli`     the command line and its outputs (colour, labelIds, overlay, MP4, JSON)
 
