@@ -157,8 +157,10 @@ def one_hot_masks(gt: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tensor,
              gt_cur: torch.Tensor, flownet_global: nn.Module, sfm: nn.Module,
-             gt_down4x: torch.Tensor | None = None) -> torch.Tensor:
-    """SFM pre-training loss: `EPE(SF_gt, OF)` masked by `gt_down4x` (method §4).
+             gt_down4x: torch.Tensor | None = None,
+             of: torch.Tensor | None = None) -> torch.Tensor:
+    """SFM pre-training loss: `EPE(SF_gt, OF)` masked by `gt_down4x` (method §4). `of`: the
+    caller's `global_flow(flownet_global, img_prev, img_cur)` if it has it (else computed).
 
     gt_prev/gt_cur `B×H×W` labels at image size (-1 ignore); one-hot masks; only classes present
     in either label (per sample) are summed. gt_down4x `B×⌈H/4⌉×⌈W/4⌉` current label on the flow
@@ -168,7 +170,8 @@ def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tenso
         raise ValueError(f"sfm_loss: gt_prev {tuple(gt_prev.shape)} and gt_cur "
                          f"{tuple(gt_cur.shape)} must be B×H×W of the images "
                          f"{tuple(img_cur.shape)}")
-    of = global_flow(flownet_global, img_prev, img_cur)
+    if of is None:
+        of = global_flow(flownet_global, img_prev, img_cur)
     # Only presence matters, so any C above the largest label gives the same loss.
     num_classes = int(max(gt_prev.max().item(), gt_cur.max().item(), 0)) + 1
     m_prev = one_hot_masks(gt_prev, num_classes).to(img_prev.dtype)

@@ -35,6 +35,7 @@ from sfc.data.io import (
     read_list_file,
     read_rgb,
     require_dir,
+    resize_rgb,
 )
 
 FLOW_SETS = ("flying_chairs", "viper", "synthetic_target", "middlebury_stereo")
@@ -45,14 +46,6 @@ DEFAULT_SIZES = {"flying_chairs": None, "viper": (1280, 720), "synthetic_target"
                  "middlebury_stereo": None}
 DEFAULT_SPLITS = {"flying_chairs": "val", "viper": "train", "synthetic_target": "val",
                   "middlebury_stereo": "all"}
-
-
-def _resize_image(rgb: np.ndarray, size) -> np.ndarray:
-    if size is None or (rgb.shape[1], rgb.shape[0]) == tuple(size):
-        return rgb
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.BICUBIC))
 
 
 class FlowPairs(Dataset):
@@ -81,7 +74,7 @@ class FlowPairs(Dataset):
             raise DatasetError(f"{self.set_name} {where}: images {rgb1.shape[:2]} / "
                                f"{rgb2.shape[:2]} and flow {flow.shape[:2]} differ in size")
         if self.size is not None:
-            rgb1, rgb2 = _resize_image(rgb1, self.size), _resize_image(rgb2, self.size)
+            rgb1, rgb2 = resize_rgb(rgb1, self.size), resize_rgb(rgb2, self.size)
             flow = resize_flow(flow, self.size)
         return {"img1": torch.from_numpy(flow_normalise(rgb1)),
                 "img2": torch.from_numpy(flow_normalise(rgb2)),

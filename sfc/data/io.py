@@ -73,6 +73,14 @@ def read_rgb(path: Path, size: tuple[int, int] | None = None,
     return np.asarray(img)
 
 
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB resized PIL-BICUBIC to ``size`` (W, H) (method §2.1); unchanged when
+    ``size`` is None or already the array's."""
+    if size is None or (rgb.shape[1], rgb.shape[0]) == tuple(size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.BICUBIC))
+
+
 def read_index_label(path: Path, what: str) -> np.ndarray:
     """(H, W) uint8 class ids of a single-channel 8-bit PNG (mode 'P' or 'L')."""
     img = _open(path)

@@ -193,11 +193,11 @@ def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = 
                 if limit is not None and seen >= limit:
                     break
                 with _autocast(device, amp):
-                    e = sfm_loss(flow[b:b + 1, :, -2], flow[b:b + 1, :, -1],
-                                 label_prev[b:b + 1], label[b:b + 1], flownet_global, sfm,
-                                 gt_down4x=None)
                     of = global_flow(flownet_global, flow[b:b + 1, :, -2],
                                      flow[b:b + 1, :, -1])
+                    e = sfm_loss(flow[b:b + 1, :, -2], flow[b:b + 1, :, -1],
+                                 label_prev[b:b + 1], label[b:b + 1], flownet_global, sfm,
+                                 gt_down4x=None, of=of)
                 total += e.detach().double()
                 zero += torch.linalg.vector_norm(of.double(), dim=1).mean()
                 seen += 1

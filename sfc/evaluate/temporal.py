@@ -177,19 +177,19 @@ def evaluate_streaming_tc(model, loader, judge, num_classes: int, eval_ids,
                dynamic_ncols=True, disable=not (progress and dist.is_main()))
     for batch in bar:
         seg, flw = batch["seg"].to(device), batch["flow"].to(device)  # (B, 3, T, H, W)
-        t_len, size = seg.shape[2], seg.shape[-2:]
+        t_len = seg.shape[2]
+        fwd = batch["flow_gt"].to(device) if gt else None  # (B, T, 2, H, W): t -> t+1
         stream.reset()
         preds = [stream.step(seg[:, :, t], flw[:, :, t]).argmax(1) for t in range(t_len)]
         for t in range(1, t_len):
             if gt:
-                fwd = batch["flow_gt"].to(device)[:, t - 1]  # (B, 2, H, W): t-1 -> t
-                cm += gt_consistency_confusion(preds[t - 1], preds[t], fwd, num_classes)
+                cm += gt_consistency_confusion(preds[t - 1], preds[t], fwd[:, t - 1],
+                                               num_classes)
             else:
                 flow = judge(torch.cat((flw[:, :, t], flw[:, :, t - 1]), 1))
                 cm += consistency_confusion(preds[t], preds[t - 1], flow, num_classes)
         seen += seg.shape[0]
         pairs = t_len - 1
-        del size
     bar.close()
     model.train(was)
     dist.all_reduce_sum(cm)

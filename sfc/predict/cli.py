@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from sfc import flags, vis
 from sfc.data.classes import get_protocol, labelids_of_train_ids
-from sfc.data.io import DatasetError, flow_normalise, seg_normalise
+from sfc.data.io import DatasetError, flow_normalise, resize_rgb, seg_normalise
 from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
 from sfc.predict.frames import FrameFolder, VideoFile
 from sfc.predict.stream import StreamingAccel
@@ -98,12 +98,6 @@ def _source_of(info) -> str:
     if info.config.get("source"):
         return info.config["source"]
     return {v: k for k, v in SOURCE_CLASSES.items()}.get(info.num_classes, "viper")
-
-
-def _resize(rgb: np.ndarray, size) -> np.ndarray:
-    if (rgb.shape[1], rgb.shape[0]) == tuple(size):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.BICUBIC))
 
 
 def _tensors(rgb: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +239,7 @@ def run(args) -> dict:
            "size": list(size), "keyframe_interval": interval, "source": source}
     resumed = _check_out(out, job, args.overwrite)
     model = build_model(info).to(device).eval()
-    stream = StreamingAccel(model, args.keyframe_interval) if stream_mode(info) else None
+    stream = StreamingAccel(model, args.keyframe_interval) if info.mode == "accel" else None
     total = len(frames) or None
     writer = _Writer(out, protocol.palette, protocol.num_classes, frames.size,
                      args.fps or frames.fps or DEFAULT_FPS)
@@ -277,7 +271,7 @@ def run(args) -> dict:
                     names.append(name)
                     skipped += 1
                     continue
-                seg, flow = _tensors(_resize(rgb, size), device)
+                seg, flow = _tensors(resize_rgb(rgb, size), device)
                 t0 = time.perf_counter()
                 if stream is not None:
                     logits = stream.step(seg, flow)  # (1, C, H, W)
@@ -336,10 +330,6 @@ def run(args) -> dict:
     print(f"{n} frames → {out} ({record['frames_per_s_model']} frames/s for the model, "
           f"{record['frames_per_s_total']} with reading and writing; {how}{more})")
     return record
-
-
-def stream_mode(info) -> bool:
-    return info.mode == "accel"
 
 
 def main(argv=None) -> int:
