@@ -182,3 +182,84 @@ def test_tc_as_deployed_runs_the_streaming_accel(tiny_data, files, tmp_path, cap
                                                item["flow_gt"][None, t - 1], 15)
     want, _ = tc_from_confusion(cm, range(15))
     assert s[5]["tc"] == pytest.approx(want, abs=1e-9)
+
+
+def test_tc_class_means_by_hand():
+    """sfc: the mean over classes present in either map; liu: over all evaluated classes, an
+    absent class counting 0 (Liu et al.'s code: 0 / (0 + 1e-10))."""
+    cm = torch.zeros(15, 15, dtype=torch.int64)
+    cm[0, 0] = 10  # class 0: IoU 1
+    cm[3, 3], cm[3, 5] = 2, 2  # class 3: 2 / (2 + 2) = 0.5; class 5: 0 / 2 = 0
+    tc, per = tc_from_confusion(cm, range(15))
+    assert tc == pytest.approx((1 + 0.5 + 0) / 3) and per[7] is None
+    liu, _ = tc_from_confusion(cm, range(15), "liu")
+    assert liu == pytest.approx(1.5 / 15)
+    with pytest.raises(ValueError, match="convention"):
+        tc_from_confusion(cm, range(15), "other")
+
+
+def test_clips_that_run_past_the_labelled_frame(tiny_data):
+    """CityscapesSeq(after=A): the clip goes on A frames past the labelled one; the label and
+    the frames up to it are those of the clip that ends there; the last frame's flow is NaN."""
+    from sfc.data import DatasetError
+
+    root, size = tiny_data / "Cityscapes", tuple(map(int, SIZE))
+    short = CityscapesSeq(root, split="val", frames=20, size=size, gt_flow=True)[0]
+    whole = CityscapesSeq(root, split="val", frames=20, size=size, gt_flow=True, after=10)[0]
+    assert whole["seg"].shape[1] == 30 and whole["flow_gt"].shape[0] == 30
+    assert torch.equal(whole["seg"][:, :20], short["seg"])
+    assert torch.equal(whole["label"], short["label"]) and whole["name"] == short["name"]
+    assert torch.isfinite(whole["flow_gt"][19]).any()  # frame 19 -> 20 now inside the clip
+    assert torch.isnan(whole["flow_gt"][29]).all()
+    with pytest.raises(DatasetError, match="past annotated frame"):
+        CityscapesSeq(root, split="val", frames=20, size=size, after=11)[0]
+
+
+def test_liu_convention_counts_every_pair_of_the_snippet(tiny_data, files, tmp_path, capsys):
+    """--tc-convention liu: all 29 pairs of each 30-frame snippet and the all-class mean; equals
+    a hand-run over the whole snippet with the class mean computed in NumPy."""
+    import numpy as np
+
+    from sfc.evaluate.checkpoint import build_model, inspect_checkpoint
+    from sfc.evaluate.temporal import gt_consistency_confusion
+
+    rc, rec = cli(tiny_data, files / "segnet.pth", tmp_path, "--temporal-consistency",
+                  "--tc-flow", "gt", "--tc-convention", "liu")
+    assert rc == 0 and "Liu et al.'s" in capsys.readouterr().out
+    tc = rec["temporal_consistency"]
+    assert tc["pairs"] == 29 and tc["convention"] == "liu" and rec["tc_convention"] == "liu"
+    ds = CityscapesSeq(tiny_data / "Cityscapes", split="val", frames=20, after=10,
+                       size=tuple(map(int, SIZE)), gt_flow=True)
+    model = build_model(inspect_checkpoint(str(files / "segnet.pth"), "segnet")).eval()
+    cm = torch.zeros(15, 15, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            preds = []
+            for t in range(30):
+                out = model(item["seg"][None, :, t])
+                logits = out[0] if isinstance(out, (tuple, list)) else out
+                logits = torch.nn.functional.interpolate(logits, size=item["seg"].shape[-2:],
+                                                         mode="bilinear", align_corners=False)
+                preds.append(logits.argmax(1))
+            for t in range(29):
+                cm += gt_consistency_confusion(preds[t], preds[t + 1], item["flow_gt"][None, t],
+                                               15)
+    m = cm.numpy().astype(np.float64)
+    inter, union = np.diag(m), m.sum(0) + m.sum(1) - np.diag(m)
+    want = float(np.mean(inter / (union + 1e-10)))  # Liu et al.'s formula
+    assert tc["tc"] == pytest.approx(want, abs=1e-9)
+    # the streaming Accel under the same convention: all 29 pairs too
+    _, acc = cli(tiny_data, files / "accel.pth", tmp_path, "--temporal-consistency",
+                 "--tc-flow", "gt", "--tc-convention", "liu", "--tc-keyframe-interval", "5",
+                 "--keyframe-distance", "1", "3")
+    assert acc["tc_streaming"][0]["pairs"] == 29
+    assert [r["tc"]["pairs"] for r in acc["keyframe_distances"]] == [28, 26]
+
+
+def test_tc_pairs_with_the_liu_convention_is_refused(tiny_data, files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(files / "segnet.pth"), "--data", str(tiny_data),
+              "--temporal-consistency", "--tc-flow", "gt", "--tc-convention", "liu",
+              "--tc-pairs", "3"])
+    assert e.value.code == 2 and "does not apply to --tc-convention liu" in capsys.readouterr().err

@@ -49,15 +49,20 @@ class CityscapesSeq(ClipDataset):
     ``frames=3`` is the stage-two target sample (f-2, f-1, f). Item: "seg", "flow"
     (3, T, H, W) float32, "label" (H, W) int64 train ids of frame f, "name"
     "CITY_SSSSSS_FFFFFF". ``size`` (W, H), None keeps the files' size. ``raw``: "bgr" uint8
-    instead of "seg"/"flow" (``ClipDataset``).
+    instead of "seg"/"flow" (``ClipDataset``). ``after``: the clip goes on for that many frames
+    past f, (f-T+1, ..., f, ..., f+after) — ``frames=20, after=10`` is a whole 30-frame
+    snippet (the published temporal-consistency convention); the label stays frame f's.
     """
 
     dataset_name = "Cityscapes"
 
     def __init__(self, root, split="val", frames=2, size=(1024, 512), classes=15,
-                 list_file=None, raw=False, gt_flow=False):
+                 list_file=None, raw=False, gt_flow=False, after=0):
         super().__init__(root, frames, size, raw)
         self.gt_flow = bool(gt_flow)
+        if int(after) < 0:
+            raise ValueError(f"after must be >= 0, got {after}")
+        self.after = int(after)
         if classes not in (15, 12):
             raise ValueError(f"classes must be 15 (VIPER protocol) or 12 (SYNTHIA-Seq), "
                              f"got {classes}")
@@ -104,7 +109,12 @@ class CityscapesSeq(ClipDataset):
     def __getitem__(self, i: int) -> dict:
         city, seq, f = self.items[i]
         name = f"{city}_{seq}_{f:06d}"
-        paths = [self.image_path(city, seq, f - k) for k in reversed(range(self.frames))]
+        paths = [self.image_path(city, seq, t) for t in self.clip_frames(f)]
+        for p in paths[self.frames:]:
+            if not p.is_file():
+                raise DatasetError(f"{self.dataset_name}: missing frame {p} (a clip goes on "
+                                   f"{self.after} frames past annotated frame {name}; real "
+                                   "snippets hold 30 frames, the 20th annotated)")
         item = self.read_clip(paths, name)
         label_path = self.label_path(city, seq, f)
         ids = read_index_label(label_path, "Cityscapes labelIds")
@@ -115,6 +125,10 @@ class CityscapesSeq(ClipDataset):
             item["flow_gt"] = self._gt_flows(city, seq, f, label.shape)
         return item
 
+    def clip_frames(self, f: int) -> range:
+        """Frame numbers of the clip around annotated frame f, oldest first."""
+        return range(f - self.frames + 1, f + self.after + 1)
+
     def flow_path(self, city: str, seq: str, f: int) -> Path:
         """The synthetic tree's forward flow f → f+1 (real Cityscapes has none)."""
         return self.root / CS_FLOW_DIR / self.split / city / f"{city}_{seq}_{f:06d}_flow.flo"
@@ -123,10 +137,10 @@ class CityscapesSeq(ClipDataset):
         """(T, 2, H, W) float32: the forward flow t → t+1 of each clip frame at the item's size,
         NaN where invalid; the last frame's is all NaN when its file is absent (its successor
         is outside the clip), any other missing file is an error."""
-        out = []
-        for k in reversed(range(self.frames)):
-            path = self.flow_path(city, seq, f - k)
-            if k == 0 and not path.is_file():
+        out, frames = [], self.clip_frames(f)
+        for t in frames:
+            path = self.flow_path(city, seq, t)
+            if t == frames[-1] and not path.is_file():
                 out.append(np.full((*shape, 2), np.nan, np.float32))
                 continue
             if not path.is_file():

@@ -31,7 +31,11 @@ from sfc.evaluate.checkpoint import (
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet
 from sfc.evaluate.data import NativeLabels, make_eval_loader
 from sfc.evaluate.metrics import format_table, metrics_record, write_csv, write_json
-from sfc.evaluate.temporal import evaluate_streaming_tc, evaluate_temporal_consistency
+from sfc.evaluate.temporal import (
+    CONVENTIONS,
+    evaluate_streaming_tc,
+    evaluate_temporal_consistency,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,13 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "streaming Accel of sfc.predict runs through each snippet's frames up "
                         "to the labelled one and TC counts all consecutive pairs, so switches "
                         "at keyframes count (needs --temporal-consistency)")
-    p.add_argument("--tc-pairs", type=int, default=5,
-                   help="frame pairs per snippet for TC, ending at the labelled frame (default 5)")
+    p.add_argument("--tc-pairs", type=int, default=None,
+                   help="frame pairs per snippet for TC, ending at the labelled frame (default 5;"
+                        " not with --tc-convention liu, which takes them all)")
+    p.add_argument("--tc-convention", choices=CONVENTIONS, default="sfc",
+                   help="sfc: the pairs above, the mean over classes present in either map; "
+                        "liu: Liu et al.'s (ECCV 2020, as DA-VSN and TPS publish it) - all "
+                        "29 pairs of each 30-frame snippet, the mean over all evaluated classes "
+                        "with absent ones counting 0 (default sfc)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 MAX_KEYFRAME_DISTANCE = 19  # a real snippet holds 19 frames before the labelled one
+SNIPPET_AFTER_LABEL = 10  # ... and 10 after it (30 frames, the 20th labelled)
 
 
 def _safe_name(name, i: int) -> str:
@@ -175,6 +186,11 @@ def validate(args) -> None:
                               f"{MAX_KEYFRAME_DISTANCE} (the snippets hold 19 frames before the "
                               "labelled one)")
     flags.check_number(args, "tc_pairs", low=1)
+    if args.tc_convention == "liu" and args.tc_pairs is not None:
+        raise flags.FlagError("--tc-pairs does not apply to --tc-convention liu (it counts all "
+                              "pairs of each snippet)")
+    if args.tc_pairs is None and args.tc_convention == "sfc":
+        args.tc_pairs = 5
     if args.flow and args.flow_set is None:
         raise flags.FlagError("--flow needs --flow-set (" + ", ".join(FLOW_SETS) + ")")
     if args.flow and (args.temporal_consistency or args.keyframe_distance != [1]
@@ -184,15 +200,15 @@ def validate(args) -> None:
     flags.check_ints(args, "tc_keyframe_interval", 1)
     if args.tc_keyframe_interval and not args.temporal_consistency:
         raise flags.FlagError("--tc-keyframe-interval needs --temporal-consistency")
-    if args.temporal_consistency and args.tc_flow == "flownet":
-        if args.tc_flownet is None:
-            raise flags.FlagError("--temporal-consistency needs --tc-flow gt (ground-truth flow "
-                                  "of the val set) or --tc-flownet CKPT (the FlowNetS that "
-                                  "judges every model, e.g. a Flying-Chairs run)")
-        if max(args.keyframe_distance) + args.tc_pairs > MAX_KEYFRAME_DISTANCE:
-            raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-distance "
-                                  f"{max(args.keyframe_distance)} needs more than the 19 frames "
-                                  "before the labelled one")
+    if args.temporal_consistency and args.tc_flow == "flownet" and args.tc_flownet is None:
+        raise flags.FlagError("--temporal-consistency needs --tc-flow gt (ground-truth flow "
+                              "of the val set) or --tc-flownet CKPT (the FlowNetS that "
+                              "judges every model, e.g. a Flying-Chairs run)")
+    k_max = max(args.keyframe_distance)
+    pairs = args.tc_pairs or 0
+    if args.temporal_consistency and k_max + pairs > MAX_KEYFRAME_DISTANCE:
+        raise flags.FlagError(f"--tc-pairs {args.tc_pairs} with --keyframe-distance {k_max} "
+                              "needs more than the 19 frames before the labelled one")
     for name in ("json", "csv"):
         if getattr(args, name):
             flags.check_writable_file(getattr(args, name), f"--{name}")
@@ -234,10 +250,10 @@ def run(args) -> dict | None:
                               "is a single-frame SegNet")
     root = Path(args.data) / DATASET_DIRS["cityscapes"]
 
-    def loader_of(frames: int, limit=args.limit, gt_flow: bool = False):
+    def loader_of(frames: int, limit=args.limit, gt_flow: bool = False, after: int = 0):
         ds = CityscapesSeq(root, split=args.split, frames=frames, size=tuple(args.size),
                            classes=protocol.num_classes, list_file=args.list_file,
-                           gt_flow=gt_flow)
+                           gt_flow=gt_flow, after=after)
         if args.protocol == "full":
             ds = NativeLabels(ds)
         if limit is not None:
@@ -262,6 +278,15 @@ def run(args) -> dict | None:
         else:
             tc_net, tc_judge = load_flownet(args.tc_flownet)
             tc_net = tc_net.to(device)
+    liu = args.tc_convention == "liu"
+
+    def tc_loader(frames: int):
+        """Clips for TC: `frames` up to the labelled one, or (liu) the whole snippet."""
+        if liu:
+            return loader_of(MAX_KEYFRAME_DISTANCE + 1, gt_flow=tc_net == "gt",
+                             after=SNIPPET_AFTER_LABEL)
+        return loader_of(frames, gt_flow=tc_net == "gt")
+
     hook = _PredWriter(args.save_pred, protocol.palette) if args.save_pred else None
     per_k = []
     for i, k in enumerate(args.keyframe_distance):
@@ -276,18 +301,18 @@ def run(args) -> dict | None:
                                   progress=not args.no_progress, amp=args.amp, pred_hook=hook)
         if tc_net is not None:
             res["tc"] = evaluate_temporal_consistency(
-                model, info.mode, loader_of(args.tc_pairs + k + 1, gt_flow=tc_net == "gt"),
-                tc_net, protocol.num_classes,
-                protocol.eval_ids, pairs=args.tc_pairs, keyframe_distance=k, device=device,
-                progress=not args.no_progress)
+                model, info.mode, tc_loader((args.tc_pairs or 0) + k + 1), tc_net,
+                protocol.num_classes, protocol.eval_ids, pairs=None if liu else args.tc_pairs,
+                keyframe_distance=k, device=device, progress=not args.no_progress,
+                convention=args.tc_convention)
         per_k.append((k, res))
     streaming = []
     if tc_net is not None and info.mode == "accel":
         for n in args.tc_keyframe_interval or []:  # TC as deployed: the streaming Accel
             streaming.append(evaluate_streaming_tc(
-                model, loader_of(MAX_KEYFRAME_DISTANCE + 1, gt_flow=tc_net == "gt"), tc_net,
-                protocol.num_classes, protocol.eval_ids, n, device=device,
-                progress=not args.no_progress))
+                model, tc_loader(MAX_KEYFRAME_DISTANCE + 1), tc_net, protocol.num_classes,
+                protocol.eval_ids, n, device=device, progress=not args.no_progress,
+                convention=args.tc_convention))
     elif args.tc_keyframe_interval and info.mode != "accel":
         raise flags.FlagError(f"--tc-keyframe-interval applies to Accel checkpoints; "
                               f"{info.path} is a single-frame SegNet")
@@ -310,6 +335,7 @@ def run(args) -> dict | None:
             record["temporal_consistency"] = record["keyframe_distances"][0]["tc"]
             record["tc_flow"] = args.tc_flow
             record["tc_judge"] = tc_judge
+            record["tc_convention"] = args.tc_convention
             if args.tc_flow == "flownet":
                 record["tc_flownet"] = os.fspath(args.tc_flownet)
         if streaming:
@@ -323,7 +349,10 @@ def run(args) -> dict | None:
                   f"{100 * r['tc']:.2f} % over all {r['pairs']} consecutive pairs of "
                   f"{r['num_snippets']} snippets (streaming Accel)")
         if tc_judge is not None:
-            print(f"TC judged by: {tc_judge}")
+            print(f"TC judged by: {tc_judge}; convention: " + (
+                "Liu et al.'s (all pairs of each 30-frame snippet, mean over all classes)"
+                if liu else "the last pairs up to the labelled frame, mean over the classes "
+                            "present"))
         if args.json:
             write_json(args.json, record)
             print(f"wrote {args.json}")
@@ -360,6 +389,7 @@ def _k_record(k: int, res: dict, protocol) -> dict:
     if "tc" in res:
         tc = res["tc"]
         rec["tc"] = {"tc": tc["tc"], "pairs": tc["pairs"], "num_snippets": tc["num_snippets"],
+                     "convention": tc["convention"],
                      "per_class": {names[i]: tc["per_class"][i] for i in ids}}
     return rec
 

@@ -20,6 +20,13 @@ with). Conventions:
   from both predictions is not "inconsistent"); a constant prediction under zero flow has TC 1.
 * Accel predicts frame t from the clip (t-K, ..., t) with the keyframe distance K of the
   evaluation; a single-frame SegNet from frame t alone.
+
+Liu et al.'s convention (ECCV 2020, the TC that DA-VSN and TPS publish; `convention="liu"`):
+all consecutive pairs of the whole 30-frame snippet (the clips then run past the labelled frame,
+`CityscapesSeq(frames=20, after=10)`; a sliding keyframe K leaves the first K frames without a
+prediction, so 29 - K pairs), one confusion matrix over all pairs and snippets, and the mean IoU
+over *all* evaluated classes, a class absent from both maps counting 0 (their code divides
+0 by 0 + 1e-10). The flow and the warp stay those above.
 """
 
 from __future__ import annotations
@@ -54,13 +61,23 @@ def warp_labels(labels: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, out, torch.full_like(out, -1))
 
 
-def tc_from_confusion(cm: torch.Tensor, eval_ids) -> tuple[float, list[float | None]]:
-    """(TC, per-class IoU or None for classes absent from both maps) of `cm[pred_t, warped]`."""
+CONVENTIONS = ("sfc", "liu")
+
+
+def tc_from_confusion(cm: torch.Tensor, eval_ids,
+                      convention: str = "sfc") -> tuple[float, list[float | None]]:
+    """(TC, per-class IoU or None for classes absent from both maps) of `cm[pred_t, warped]`.
+    The mean is over the evaluated classes present in either map ("sfc"), or over all of them
+    with the absent ones counting 0 ("liu")."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     cm = cm.double().cpu()
     tp = cm.diag()
     union = cm.sum(0) + cm.sum(1) - tp
     ids = list(eval_ids)
     per = [float(tp[i] / union[i]) if union[i] > 0 else None for i in range(cm.shape[0])]
+    if convention == "liu":
+        return sum(per[i] or 0.0 for i in ids) / len(ids), per
     present = [per[i] for i in ids if per[i] is not None]
     return (sum(present) / len(present) if present else float("nan")), per
 
@@ -87,15 +104,18 @@ def gt_consistency_confusion(pred_prev: torch.Tensor, pred_t: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes: int,
-                                  eval_ids, pairs: int = 5, keyframe_distance: int = 1,
-                                  device="cpu", progress: bool = True) -> dict:
-    """TC over a loader of clips of `pairs + keyframe_distance + 1` frames ending at the
-    labelled frame (`CityscapesSeq(frames=...)`). `flownet` is a FlowNetS, or "gt": the clips'
-    ground-truth forward flows (`CityscapesSeq(gt_flow=True)`, the synthetic target) judge.
-    Returns {"tc", "per_class" (None = absent), "pairs", "num_snippets", "keyframe_distance"},
-    summed over processes."""
+                                  eval_ids, pairs: int | None = 5, keyframe_distance: int = 1,
+                                  device="cpu", progress: bool = True,
+                                  convention: str = "sfc") -> dict:
+    """TC over a loader of clips of `pairs + keyframe_distance + 1` frames, the last `pairs`
+    pairs of each (`pairs=None`: every pair the clips allow, `T - keyframe_distance - 1`).
+    `flownet` is a FlowNetS, or "gt": the clips' ground-truth forward flows
+    (`CityscapesSeq(gt_flow=True)`, the synthetic target) judge. `convention`: the class mean
+    of `tc_from_confusion`. Returns {"tc", "per_class" (None = absent), "pairs",
+    "num_snippets", "keyframe_distance", "convention"}, summed over processes."""
     device = torch.device(device)
-    k, need = int(keyframe_distance), pairs + int(keyframe_distance) + 1
+    k = int(keyframe_distance)
+    need = None if pairs is None else pairs + k + 1
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     gt = isinstance(flownet, str)
     if gt and flownet != "gt":
@@ -110,7 +130,9 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
     for batch in bar:
         seg = batch["seg"].to(device)  # (B, 3, T, H, W)
         flw = batch["flow"].to(device)
-        if seg.shape[2] < need:
+        if need is None:  # every pair: a single-frame SegNet needs no history
+            need, pairs = seg.shape[2], seg.shape[2] - (k if mode == "accel" else 0) - 1
+        if pairs < 1 or seg.shape[2] < need:
             raise ValueError(f"temporal consistency over {pairs} pairs at keyframe distance {k} "
                              f"needs clips of {need} frames, got {seg.shape[2]}")
         seg, flw = seg[:, :, -need:], flw[:, :, -need:]
@@ -148,20 +170,21 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
         flownet.train(was[1])
     dist.all_reduce_sum(cm)
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
-    tc, per = tc_from_confusion(cm, eval_ids)
+    tc, per = tc_from_confusion(cm, eval_ids, convention)
     return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
-            "keyframe_distance": k}
+            "keyframe_distance": k, "convention": convention}
 
 
 @torch.no_grad()
 def evaluate_streaming_tc(model, loader, judge, num_classes: int, eval_ids,
-                          keyframe_interval: int, device="cpu", progress: bool = True) -> dict:
+                          keyframe_interval: int, device="cpu", progress: bool = True,
+                          convention: str = "sfc") -> dict:
     """TC **as deployed**: the streaming Accel (`sfc.models.StreamingAccel`, interval N) runs
     through each clip from its first frame — keyframes output the reference branch alone,
     frames after them the propagated fusion — and TC accumulates over *all* consecutive pairs,
     so the switches at keyframes count. `judge`: a FlowNetS or "gt" (as
-    `evaluate_temporal_consistency`). Returns {"tc", "per_class", "pairs", "num_snippets",
-    "keyframe_interval", "streaming": True}."""
+    `evaluate_temporal_consistency`), `convention` its class mean. Returns {"tc", "per_class",
+    "pairs", "num_snippets", "keyframe_interval", "streaming": True, "convention"}."""
     from sfc.models.streaming import StreamingAccel
 
     device = torch.device(device)
@@ -194,6 +217,7 @@ def evaluate_streaming_tc(model, loader, judge, num_classes: int, eval_ids,
     model.train(was)
     dist.all_reduce_sum(cm)
     n = dist.all_reduce_sum(torch.tensor([seen], dtype=torch.int64, device=device))
-    tc, per = tc_from_confusion(cm, eval_ids)
+    tc, per = tc_from_confusion(cm, eval_ids, convention)
     return {"tc": tc, "per_class": per, "pairs": pairs, "num_snippets": int(n.item()),
-            "keyframe_interval": int(keyframe_interval), "streaming": True}
+            "keyframe_interval": int(keyframe_interval), "streaming": True,
+            "convention": convention}
