@@ -12,6 +12,8 @@
 #   LAUNCH       launcher prefix, split into words, e.g. "torchrun --nproc_per_node=4"
 #                (default: "$PYTHON")
 #   DRY_RUN=1    print the command instead of running it
+# Exit status: that of sfc.train (also through LAUNCH: rank 0's status record), see
+# docs/pipeline.md.
 #   BN_CONTROL=1 SFC stages: the control run (--bn-control: the SFC stage's target forwards,
 #                no SFC loss), written to the sibling tree SFC_bn_control/ (stage two consumes
 #                the control's stage-one runs)
@@ -112,5 +114,16 @@ run_train() {
   echo "+ $(printf '%q ' "${cmd[@]}")"
   [[ "$DRY_RUN" == 1 ]] && return 0
   mkdir -p "$out"
-  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}"
+  # sfc.train (rank 0) writes why it stopped to $SFC_STATUS_FILE: a launcher such as torchrun
+  # exits 1 whatever its workers did, so the script passes on the documented exit status
+  # (0 done, 2 bad input / data error, 3 diverged, 4 disk full, 5 a process died,
+  # 128 + signal when stopped by a signal with last.pt saved)
+  local status_file rc=0 st
+  status_file="$(mktemp "${TMPDIR:-/tmp}/sfc-status.XXXXXX")"
+  SFC_STATUS_FILE="$status_file" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" \
+    || rc=$?
+  st="$(sed -n 's/^ *"exit_status": *\([0-9][0-9]*\).*/\1/p' "$status_file" | head -n 1)"
+  rm -f "$status_file"
+  [[ -n "$st" ]] && rc="$st"
+  return "$rc"
 }

@@ -23,6 +23,10 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_sum",
+    "gather_rows",
+    "gather_objects",
+    "agreed",
+    "is_peer_failure",
     "cleanup",
     "ShardSampler",
 ]
@@ -109,6 +113,94 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist() and get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device under NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(row: list[int]) -> list[list[int]]:
+    """Every process's `row` of ints, on every process (one all-reduce of a world × len
+    tensor); `[row]` in a single process. How the ranks agree on why (and whether) to stop."""
+    if not (is_dist() and get_world_size() > 1):
+        return [[int(v) for v in row]]
+    t = torch.zeros(get_world_size(), len(row), dtype=torch.int64, device=_collective_device())
+    t[get_rank()] = torch.tensor([int(v) for v in row], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def gather_objects(obj) -> list:
+    """Every process's picklable `obj` (e.g. an error message), on every process."""
+    if not (is_dist() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agreed(loader, errors=None):
+    """Iterate `loader`; an error of the types in `errors` (default: `DatasetError`) ends this
+    process's loop, and when the loop ends every process learns whether any failed: then all
+    raise the same error (the first failing rank's message, naming that rank when there are
+    several). Put it around an evaluation loader whose loop ends in a collective, so a file
+    only one rank reads cannot leave the others waiting in that collective."""
+    if errors is None:
+        from sfc.data.io import DatasetError
+
+        errors = (DatasetError,)
+    err = None
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        except errors as e:
+            err = e
+            break
+        yield batch
+    raise_if_any(err)
+
+
+def raise_if_any(err: BaseException | None, cls: type | None = None) -> None:
+    """Collective: raise on every process when `err` is set on any. A failing rank raises its
+    own exception; the others `cls` (default: DatasetError for a data error, else
+    RuntimeError) with the first failing rank's message and "(on rank N)"."""
+    if not (is_dist() and get_world_size() > 1):
+        if err is not None:
+            raise err
+        return
+    rows = gather_rows([int(err is not None)])
+    bad = [r for r, (flag,) in enumerate(rows) if flag]
+    if not bad:
+        return
+    from sfc.flags import one_line
+
+    msgs = gather_objects(None if err is None else (type(err).__name__, one_line(err)))
+    kind, msg = msgs[bad[0]]
+    if err is not None:
+        raise err
+    from sfc.data.io import DatasetError
+
+    cls = cls or (DatasetError if kind == "DatasetError" else RuntimeError)
+    raise cls(f"{msg} (on rank {bad[0]})")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another process is gone (gloo: "Connection closed by
+    peer"; NCCL: a DistBackendError), in a multi-process run."""
+    if not (is_dist() and get_world_size() > 1):
+        return False
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    msg = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in msg for s in ("Connection closed by peer", "Connection reset by peer", "gloo",
+                           "NCCL", "Broken pipe"))
 
 
 def cleanup() -> None:

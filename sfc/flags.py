@@ -43,11 +43,25 @@ def one_line(error: Exception) -> str:
     return msg
 
 
+def is_rank_zero() -> bool:
+    """True unless torchrun started this process as a rank other than 0 (`RANK`)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def report(prog: str, error: Exception) -> int:
-    """Print `prog: error: ...` on stderr (one line, also for a loader worker's error);
-    returns the exit status 2."""
-    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+    """Print `prog: error: ...` on stderr (one line, also for a loader worker's error; once
+    per job: rank 0 only under torchrun); returns the exit status 2."""
+    if is_rank_zero():
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     return 2
+
+
+def quiet_off_rank_zero(parser):
+    """An argparse parser that prints its usage errors on rank 0 only (every rank still exits
+    2): a bad flag under torchrun is one line, not one per process."""
+    if not is_rank_zero():
+        parser._print_message = lambda message, file=None: None
+    return parser
 
 
 def _flag(name: str) -> str:

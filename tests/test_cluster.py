@@ -364,3 +364,157 @@ def test_orphaned_best_of_an_older_best_is_reported_lost(tmp_path):
     assert (tmp_path / "best.pt.orphaned").is_file() and not (tmp_path / "best.pt").exists()
     torch.save({"format": runio.CHECKPOINT_FORMAT, "iter": 2, "models": {}}, tmp_path / "best.pt")
     assert runio.set_aside_orphaned_best(tmp_path, {"iter": 4, "best": {"iter": 2}}) == []
+
+
+# ---- issue 17: locks that survive a requeue, full disks, damaged records, job logs ----------
+def test_lock_of_the_same_job_on_another_host_is_taken_over(tmp_path, monkeypatch):
+    """A SLURM requeue lands on another node after a hard kill: the same SLURM_JOB_ID takes the
+    lock over; another job's lock is refused with a message naming --force-unlock, which
+    takes it."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "node-17",
+                                                "job": "SLURM_JOB_ID=4242", "since": "x"}))
+    lock = runio.RunLock(tmp_path)
+    assert lock.taken_over["host"] == "node-17"
+    assert json.loads((tmp_path / ".lock").read_text())["job"] == "SLURM_JOB_ID=4242"
+    lock.refresh()
+    assert "refreshed" in json.loads((tmp_path / ".lock").read_text())
+    lock.release()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "node-17",
+                                                "job": "SLURM_JOB_ID=7", "since": "x"}))
+    with pytest.raises(runio.RunDirError, match="job SLURM_JOB_ID=7.*--force-unlock"):
+        runio.RunLock(tmp_path)
+    forced = runio.RunLock(tmp_path, force=True)
+    assert forced.taken_over["job"] == "SLURM_JOB_ID=7"
+    forced.release()
+
+
+def test_force_unlock_in_the_cli(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "gone-node", "since": "x"}))
+    assert _segnet(tiny_data, out, "--iters", "1", "--eval-every", "1") == 2
+    assert "--force-unlock" in _err_line(capsys)
+    assert _segnet(tiny_data, out, "--iters", "1", "--eval-every", "1", "--force-unlock") == 0
+    assert "took over the lock of pid 1 on gone-node, --force-unlock" in (
+        out / "log.txt").read_text()
+
+
+def _fail_writes_of(monkeypatch, name: str, after: int = 0):
+    """torch.save into a temporary file of `name` fails with ENOSPC after `after` writes."""
+    import errno
+
+    real, seen = torch.save, {"n": 0}
+
+    def save(obj, f, *a, **k):
+        target = getattr(f, "name", str(f))
+        if f".{name}.tmp." in str(target):
+            seen["n"] += 1
+            if seen["n"] > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_full_disk_at_a_checkpoint_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """last.pt cannot be written at iteration 4: exit 4, one line naming the folder and the free
+    space; last.pt and best.pt stay those of iteration 2 and the log says so."""
+    out = tmp_path / "run"
+    _fail_writes_of(monkeypatch, "last.pt", after=1)
+    assert _segnet(tiny_data, out, "--iters", "6", "--eval-every", "2") == 4
+    line = _err_line(capsys)
+    assert f"writing {out / 'last.pt'} failed (No space left on device;" in line
+    assert f"GiB free in {out})" in line
+    assert "last.pt holds iteration 2" in line
+    assert runio.load_checkpoint(out / "last.pt")["iter"] == 2
+    best = runio.load_checkpoint(out / "best.pt")["iter"]
+    assert f"best.pt holds iteration {best}" in line
+    st = json.loads((out / "status.json").read_text())
+    assert (st["reason"], st["exit_status"], st["last_pt_iteration"]) == ("write_failed", 4, 2)
+    assert not list(out.glob(".*.tmp.*"))
+    monkeypatch.undo()
+    assert _segnet(tiny_data, out, "--iters", "6", "--eval-every", "2") == 0  # resumes
+
+
+def test_best_counts_only_once_written(tiny_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    _fail_writes_of(monkeypatch, "best.pt")
+    assert _segnet(tiny_data, out, "--iters", "6", "--eval-every", "2") == 4
+    log = (out / "log.txt").read_text()
+    assert "iter 2: val miou" in log and "best.pt could not be written" in log
+    assert "(best)" not in log
+    line = _err_line(capsys)
+    assert "best.pt not written yet" in line and not (out / "best.pt").exists()
+
+
+def test_invalid_config_json_is_rewritten_on_resume(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert _segnet(tiny_data, out, "--iters", "4", "--eval-every", "2", "--stop-after",
+                   "2") == 0
+    (out / "config.json").write_text('{"config": {"seed": 0,')  # a bad hand edit
+    assert _segnet(tiny_data, out, "--iters", "4", "--eval-every", "2") == 0
+    rec = json.loads((out / "config.json").read_text())
+    assert rec["config"]["stage"] == "segnet" and rec["config"]["iters"] == 4
+    assert "config.json: not valid JSON" in (out / "log.txt").read_text()
+
+
+def test_finished_run_needs_no_last_pt(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _segnet(tiny_data, out, "--iters", "2", "--eval-every", "2") == 0
+    result = (out / "result.json").read_text()
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[:100])
+    capsys.readouterr()
+    assert _segnet(tiny_data, out, "--iters", "2", "--eval-every", "2") == 0
+    out_text = capsys.readouterr()
+    assert "already finished" in out_text.out and "move it away" not in out_text.err
+    assert (out / "result.json").read_text() == result
+    assert json.loads((out / "status.json").read_text())["reason"] == "finished"
+
+
+def test_status_json_and_the_status_file(tiny_data, tmp_path, monkeypatch):
+    out, status = tmp_path / "run", tmp_path / "status"
+    monkeypatch.setenv("SFC_STATUS_FILE", str(status))
+    assert _segnet(tiny_data, out, "--iters", "4", "--eval-every", "2", "--stop-after",
+                   "2") == 0
+    st = json.loads(status.read_text())
+    assert st == json.loads((out / "status.json").read_text())
+    assert (st["reason"], st["iteration"], st["exit_status"], st["resumable"]) == (
+        "stop_after", 2, 0, True)
+    assert _segnet(tiny_data, out, "--iters", "0") == 2  # a bad flag: no run, still a status
+    st = json.loads(status.read_text())
+    assert (st["reason"], st["exit_status"]) == ("bad_input", 2) and "--iters" in st["message"]
+
+
+def test_progress_lines_for_job_logs(tiny_data, tmp_path, capsys):
+    """Not a terminal: one plain line every --progress-every seconds, no carriage returns."""
+    out = tmp_path / "run"
+    assert _segnet(tiny_data, out, "--iters", "3", "--eval-every", "3", "--progress",
+                   "lines", "--progress-every", "0.000001", "--threads", "1") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("segnet: iteration")]
+    assert len(lines) >= 3 and "seg " in lines[0] and "it/s" in lines[0]
+    assert lines[0].startswith("segnet: iteration 1/3 (33.3 %)") and "ETA" in lines[0]
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["threads"] == 1 and cfg["precision"]["autocast"] == "none"
+    assert "precision: autocast none; TF32 convolutions" in (out / "log.txt").read_text()
+
+
+def test_line_progress_by_hand():
+    import io
+
+    from sfc.train.progress import LineProgress
+
+    t, buf = [0.0], io.StringIO()
+    lp = LineProgress(100, initial=10, desc="accel", every=30.0, file=buf, clock=lambda: t[0])
+    for _ in range(20):
+        t[0] += 2.0  # 0.5 it/s
+        lp.update(1)
+    assert buf.getvalue().splitlines() == [  # one line, at 30 s
+        "accel: iteration 25/100 (25.0 %), 0.50 it/s, ETA 0:02:30"]
+    lp.close()
+    assert buf.getvalue().splitlines()[-1].startswith("accel: iteration 30/100")
+    lp.close()
+    assert len(buf.getvalue().splitlines()) == 2

@@ -24,11 +24,11 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _close(cpu, gpu, what):
+def _close(cpu, gpu, what, tol=RTOL):
     cpu, gpu = cpu.detach().double(), gpu.detach().cpu().double()
     scale = cpu.abs().max().clamp(min=1e-12)
     err = (cpu - gpu).abs().max() / scale
-    assert err < RTOL, f"{what}: max relative error {err.item():.2e}"
+    assert err < tol, f"{what}: max relative error {err.item():.2e}"
 
 
 def _pair(module):
@@ -70,9 +70,13 @@ def test_losses_cuda_match_cpu(small_backbone):
         sl = sfm_loss(i0, i1, gt.to(dev), gt.roll(3, 2).to(dev), fg, sfm,
                       gt_down4x=gt[:, ::4, ::4].to(dev))
         results.append((loss, lp.grad, lc.grad, ce, sl))
-    for a, b, n in zip(*results, ("sfc_loss", "d/dlogits_prev", "d/dlogits_cur", "seg_loss",
-                                  "sfm_loss")):
-        _close(a, b, n)
+    # The SFC loss's logit gradients pass through softmax(100 · logits): the scale turns the
+    # last-bit differences of CUDA's and the CPU's float32 kernels into relative differences of
+    # ~2e-4 (measured 2.1e-4 on an H200); the values themselves agree to 1e-4.
+    for a, b, n, tol in zip(*results, ("sfc_loss", "d/dlogits_prev", "d/dlogits_cur",
+                                       "seg_loss", "sfm_loss"),
+                            (RTOL, 1e-3, 1e-3, RTOL, RTOL)):
+        _close(a, b, n, tol)
     a_c, a_g = _pair(Accel(num_classes=5, **small_backbone))
     seg3, flo3 = torch.randn(1, 3, 3, 64, 96), torch.rand(1, 3, 3, 64, 96)
     out = []
@@ -96,7 +100,7 @@ def test_aspp_gemm_form_on_cuda_matches_cpu():
     go = torch.randn(2, 15, 16, 32)
     res = []
     for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
-        xd = x.to(dev).requires_grad_()
+        xd = x.detach().clone().to(dev).requires_grad_()  # a leaf on each device
         with aspp_impl("gemm"):
             y = m(xd)
             y.backward(go.to(dev))

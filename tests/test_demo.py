@@ -76,9 +76,12 @@ def demo_names(n):
     return get_protocol(n).class_names
 
 
-def _record(miou, n=15, tc=None, by_k=None):
+def _record(miou, n=15, tc=None, by_k=None, deployed=None):
     rec = {"miou": miou, "per_class": {c: miou for c in demo_names(n)},
            "per_class_not_in_mean": {}}
+    if deployed is not None:
+        rec["tc_streaming"] = [{"keyframe_interval": 3, "tc": 0.0},
+                               {"keyframe_interval": 5, "tc": deployed}]
     if by_k:
         rec["keyframe_distances"] = [{"keyframe_distance": k, "miou": v} for k, v in by_k.items()]
     if tc is not None:
@@ -98,7 +101,8 @@ def test_build_summary_compares_source_only_with_sfc(tmp_path):
              "FlowNet_pretrain/stage_two/train:last": _record(0.22, tc=0.9, by_k=k),
              "SFC/stage_two/train:best": _record(0.21, tc=0.8, by_k=k),
              "SFC/stage_two/train:last": _record(0.22, tc=0.8, by_k=k),
-             "SFC_bn_control/stage_two/train:best": _record(0.20, tc=0.85, by_k=k),
+             "SFC_bn_control/stage_two/train:best": _record(0.20, tc=0.85, by_k=k,
+                                                             deployed=0.83),
              "SFC_bn_control/stage_two/train:last": _record(0.19, tc=0.85, by_k=k),
              "FlowNet_pretrain/stage_one/update:best": _record(0.3, tc=0.7),
              "SFC/stage_one/update:best": _record(0.3, tc=0.75),
@@ -129,7 +133,9 @@ def test_build_summary_compares_source_only_with_sfc(tmp_path):
     assert last_line.split()[1:] == ["25.0", "21.0", "22.0", "22.0"]
     assert "Ablation: what the SFC loss adds beyond BatchNorm adaptation" in table
     ctl_row = [ln for ln in table.splitlines() if ln.startswith("Accel") and "BN control" in ln]
-    assert ctl_row[0].split()[-4:] == ["20.0", "19.0", "85.0", "85.0"]
+    assert ctl_row[0].split()[-5:] == ["20.0", "19.0", "85.0", "85.0", "83.0"]
+    assert rows["Accel", "bn_control"]["tc_deployed"] == 0.83  # the interval-5 record
+    assert rows["Accel", "sfc"]["tc_deployed"] is None  # an older record: none
     k_row = [ln for ln in table.splitlines() if ln.startswith("SFC ") and len(ln.split()) == 4]
     assert k_row[0].split() == ["SFC", "21.0", "19.0", "15.0"]
 
@@ -198,7 +204,10 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
     assert len(prem["segnets"]) == 3 and all(_finite(x["miou_drop"]) for x in prem["segnets"])
     assert s["flow"]["sfm"]["best"]["epe_zero"] > 0
     assert "SFC's premise" in r.stdout and "a zero SF would score" in r.stdout
-    assert s["ablation"]["tc_definition"].endswith("last 5 pairs of each val snippet")
+    assert "the last 5 pairs up to each val snippet's labelled frame" in s["ablation"][
+        "tc_definition"]
+    assert "TC deployed: the streaming Accel with a keyframe every 5 frames" in s["ablation"][
+        "tc_definition"]
     assert "ground-truth flow" in s["ablation"]["tc_definition"]
     # the gallery
     g = out / "gallery"
@@ -216,6 +225,7 @@ def test_smoke_demo_trains_every_stage_and_reports(smoke):
         assert _finite(row["miou_best"]) and 0 <= row["tc_best"] <= 1, row
     for v in ("source_only", "bn_control", "sfc"):
         assert sorted(abl["Accel", v]["miou_by_keyframe"]["best"]) == ["1", "2", "5"]
+        assert 0 < abl["Accel", v]["tc_deployed"] <= 1
     assert "Ablation: what the SFC loss adds" in r.stdout and "K=5" in r.stdout
     assert "against the BN-control Accel" in s["verdict"]
     gif = Image.open(g / "predict.gif")
@@ -352,3 +362,22 @@ def test_repeated_seeds_shift_every_seed_by_two(tmp_path, monkeypatch):
         with pytest.raises(demo.DemoError):
             demo.runner.run_stages(tmp_path, demo.CONFIGS["smoke"], "viper", {}, repeat=2)
     assert seen[0][1].endswith("reference.sh") and seen[0][-2:] == ["--seed", "5"]
+
+
+def test_stage_scripts_get_the_demos_interpreter(tmp_path, monkeypatch):
+    """`python -m sfc.demo` with a venv's python and no PYTHON set: the stage scripts run that
+    interpreter too (they fell back to python3, without torch)."""
+    from sfc.demo import runner
+
+    monkeypatch.delenv("PYTHON", raising=False)
+    seen = []
+
+    def fake_child(cmd, env, what):
+        seen.append(env.get("PYTHON"))
+        run = tmp_path / "runs" / "viper" / runner.STAGES[len(seen) - 1][0]
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "result.json").write_text("{}")
+
+    monkeypatch.setattr(runner, "run_child", fake_child)
+    runner.run_stages(tmp_path, runner.CONFIGS["smoke"], "viper", {})
+    assert seen == [sys.executable] * len(runner.STAGES)

@@ -93,3 +93,39 @@ def test_two_process_gloo_evaluation_equals_single_process(tmp_path):
         assert r["miou"] == single["miou"]
     assert single["confusion"].sum().item() == int((TinyClips().label >= 0).sum())
     assert 0 < single["miou"] < 1 and np.isfinite(single["miou"])
+
+
+class _BadItem(TinyClips):
+    """Item 5 is an unreadable file; the shard sampler gives it to rank 1 (5 = 1 mod 2)."""
+
+    def __getitem__(self, i):
+        if i == 5:
+            from sfc.data.io import DatasetError
+
+            raise DatasetError("unreadable or truncated image /data/x_000005.png")
+        return super().__getitem__(i)
+
+
+def _bad_worker(rank, world, store, out):
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        loader = make_eval_loader(_BadItem(), num_workers=0)
+        try:
+            evaluate_segnet(tiny_segnet(), loader, C, device="cpu", progress=False)
+            msg = None
+        except Exception as e:  # noqa: BLE001 — the test records what each rank raised
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(str(msg))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_a_data_error_on_one_rank_stops_every_rank_of_an_evaluation(tmp_path):
+    """A file only rank 1 reads: rank 1 stops its loop, both ranks agree before the final
+    all-reduce and raise the same DatasetError (no rank left waiting in the collective)."""
+    mp.spawn(_bad_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[1] == "DatasetError: unreadable or truncated image /data/x_000005.png"
+    assert msgs[0] == msgs[1] + " (on rank 1)"

@@ -137,3 +137,46 @@ def test_resume_with_another_world_size_is_refused(tiny_data, tmp_path, capsys):
     assert [r["rc"] for r in ranks] == [0, 0]
     assert train.main(argv) == 2  # one process now: the data order would change
     assert "world_size 2 -> 1" in capsys.readouterr().err
+
+
+def test_ddp_wrapping_without_deprecation_warnings(tmp_path, tiny_data):
+    """torch 2.14 deprecates `broadcast_buffers`; the stage uses `forward_sync_buffers=False`
+    where it exists (rank 0's buffers broadcast once, never in the forward), else the old flag
+    plus a broadcast by hand. No FutureWarning either way."""
+    import warnings
+
+    import torch.distributed as td
+
+    from sfc import train
+    from sfc.train.stages import build_stage
+
+    args = train.resolve(train.build_parser().parse_args(
+        ["--stage", "segnet", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
+         *TINY_TRAIN, "--imagenet-init", "none", "--device", "cpu"]))
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                          world_size=1)
+    try:
+        stage = build_stage(args, torch.device("cpu"), log=lambda s: None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stage.wrap_ddp()
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)], [
+            str(w.message) for w in caught]
+        ddp = stage.ddp["segnet"]
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) \
+            is False
+    finally:
+        td.destroy_process_group()
+
+
+def test_evaluation_heads_in_the_precision_of_the_runs_validation(tiny_runs, tmp_path):
+    """sfc.evaluate builds an SFC stage's network with float32 heads under bf16 autocast, as
+    that run's own validation did; other runs keep autocast heads."""
+    from sfc.evaluate.checkpoint import build_model, inspect_checkpoint
+
+    src = tiny_runs["segnet"] / "best.pt"
+    assert build_model(inspect_checkpoint(str(src), "segnet")).fp32_heads is False
+    ck = torch.load(src, weights_only=True, map_location="cpu")
+    ck["config"]["sfc_weight"] = 0.005
+    torch.save(ck, tmp_path / "sfc.pt")
+    assert build_model(inspect_checkpoint(str(tmp_path / "sfc.pt"), "segnet")).fp32_heads

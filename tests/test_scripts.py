@@ -173,3 +173,47 @@ def test_missing_pretrained_weights_say_where_to_get_them(tmp_path):
 def test_bad_source_is_an_error(tmp_path):
     proc = _run("SFM/script/train.sh", tmp_path, DRY_RUN="1", SOURCE="gta")
     assert proc.returncode != 0 and "SOURCE must be viper or synthia_seq" in proc.stderr
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+    (folder / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("rc,requeued", [(138, True), (143, True), (0, False), (2, False),
+                                         (3, False), (4, False), (5, False)])
+def test_slurm_recipe_requeues_only_a_signalled_stop(rc, requeued, tmp_path):
+    """exp/slurm/job.sbatch with a fake srun and scontrol: the stage's exit status (138 / 143:
+    stopped by the time-limit signal, last.pt saved) queues the next attempt; any other status
+    ends the job with that status."""
+    bin_ = tmp_path / "bin"
+    _fake_bin(bin_, "srun", 'exec "$@"')
+    _fake_bin(bin_, "scontrol", f'echo "$@" >> {shlex.quote(str(tmp_path / "calls"))}')
+    stage = tmp_path / "stage.sh"
+    stage.write_text(f"exit {rc}\n")
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               SLURM_SUBMIT_DIR=str(REPO))
+    res = subprocess.run(["bash", str(REPO / "exp/slurm/job.sbatch"), str(stage)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == rc
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert calls == ("requeue 4242\n" if requeued else "")
+
+
+def test_stage_scripts_pass_the_runs_exit_status_through_a_launcher(tmp_path):
+    """A launcher that exits 1 whatever its worker did (as torchrun): the stage script exits
+    with the status sfc.train wrote to $SFC_STATUS_FILE — 2 for a bad flag here."""
+    launcher = tmp_path / "launch.sh"
+    launcher.write_text('"$@"; exit 1\n')
+    import sys
+
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, LAUNCH=f"bash {launcher} {sys.executable}", TMPDIR=str(tmp_path / "tmp"),
+               SFC_OUT=str(tmp_path / "out"), SFC_DATA=str(tmp_path / "data"))
+    res = subprocess.run(["bash", str(REPO / "exp/FlowNet_pretrain/stage_one/script/update.sh"),
+                          "--imagenet-init", "none", "--iters", "0"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "sfc.train: error: --iters" in res.stderr
+    assert not list((tmp_path / "tmp").glob("sfc-status.*"))  # the status file is removed

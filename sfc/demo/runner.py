@@ -184,8 +184,9 @@ def run_stages(out: Path, cfg: dict, source: str, timings: dict, data: Path | No
                repeat: int = 0) -> None:
     """The eleven runs through their scripts. `repeat` r > 0 (`--seeds`): every seed shifted by 2r
     (update/reference keep distinct seeds), on the same `data`."""
+    # the stage scripts run this interpreter (a venv's python without PYTHON set works)
     env = dict(os.environ, SFC_DATA=str(data or out / "data"), SFC_OUT=str(out / "runs"),
-               SFC_WEIGHTS=str(out / "weights"), SOURCE=source)
+               SFC_WEIGHTS=str(out / "weights"), SOURCE=source, PYTHON=sys.executable)
     (out / "weights").mkdir(parents=True, exist_ok=True)  # empty: no pretrained weights
     for i, (run, script, kind, title, extra_env) in enumerate(STAGES, 1):
         header = f"[{i}/{len(STAGES)}] {run.rsplit('/', 1)[0] if run.endswith('/train') else run}"

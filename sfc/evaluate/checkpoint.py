@@ -164,7 +164,8 @@ def check_classes(info: CheckpointInfo, source: str) -> None:
 
 def build_model(info: CheckpointInfo, layers=None, width=None) -> torch.nn.Module:
     """Construct the network of ``info`` (``layers``/``width`` override the inferred ones) and
-    load the weights strictly."""
+    load the weights strictly. The classifier heads run in float32 under bf16 autocast when the
+    checkpoint comes from an SFC stage, as that run's validation did."""
     from sfc.models import Accel, DeepLabV2
 
     layers = tuple(layers) if layers is not None else info.layers
@@ -197,6 +198,9 @@ def build_model(info: CheckpointInfo, layers=None, width=None) -> torch.nn.Modul
         raise CheckpointFormatError(f"{info.path}: weights do not fit a {info.mode} with "
                                     f"layers={layers}, width={width}, {info.num_classes} "
                                     f"classes: {str(e).splitlines()[0]} …") from e
+    # under bf16 autocast, the heads in the precision of the run's own validation: float32
+    # for the SFC stages (their soft masks), autocast otherwise
+    model.fp32_heads = float((info.config or {}).get("sfc_weight") or 0) > 0
     return model
 
 

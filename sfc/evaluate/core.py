@@ -16,6 +16,7 @@ Protocols (method §6, quirk 9):
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,12 +86,17 @@ def _confusion_loop(
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     seen = 0
     total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, total=total, desc=desc, disable=not (progress and dist.is_main()),
+    if limit is not None:  # the batches that hold the first `limit` images, no more reads
+        total = -(-limit // (getattr(loader, "batch_size", None) or 1))
+        loader = itertools.islice(loader, total)
+    # every process reaches the end of the loop (and its agreement on data errors): no break
+    bar = tqdm(dist.agreed(loader), total=total, desc=desc,
+               disable=not (progress and dist.is_main()),
                dynamic_ncols=True, leave=False)
     with _EvalMode(*modules), torch.no_grad():
         for batch in bar:
             if limit is not None and seen >= limit:
-                break
+                continue
             label = _label_of(batch, protocol).to(device, non_blocking=True)  # (B, h, w)
             if limit is not None and seen + label.shape[0] > limit:
                 keep = limit - seen
@@ -182,7 +188,7 @@ def evaluate_sfm(sfm, flownet_global, loader, device="cpu", limit: int | None = 
     zero = torch.zeros(1, dtype=torch.float64, device=device)
     seen = 0
     n_batches = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, total=n_batches, desc="eval sfm",
+    bar = tqdm(dist.agreed(loader), total=n_batches, desc="eval sfm",
                disable=not (progress and dist.is_main()), dynamic_ncols=True, leave=False)
     with _EvalMode(sfm, flownet_global), torch.no_grad():
         for batch in bar:

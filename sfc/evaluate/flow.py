@@ -14,6 +14,8 @@ as KITTI counts Fl-all):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from tqdm import tqdm
 
@@ -82,11 +84,14 @@ def evaluate_flow(flownet, loader, device="cpu", limit: int | None = None,
     was = flownet.training
     flownet.eval()
     total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, total=total, desc="eval flow", leave=False, dynamic_ncols=True,
-               disable=not (progress and dist.is_main()))
-    for batch in bar:
+    if limit is not None:  # the batches that hold the first `limit` pairs, no more reads
+        total = -(-limit // (getattr(loader, "batch_size", None) or 1))
+        loader = itertools.islice(loader, total)
+    bar = tqdm(dist.agreed(loader), total=total, desc="eval flow", leave=False,
+               dynamic_ncols=True, disable=not (progress and dist.is_main()))
+    for batch in bar:  # no break: every process reaches the agreement at the loop's end
         if limit is not None and seen >= limit:
-            break
+            continue
         img1 = batch["img1"].to(device, non_blocking=True)  # (B, 3, H, W)
         img2 = batch["img2"].to(device, non_blocking=True)
         gt = batch["flow_gt"].to(device, non_blocking=True)  # (B, 2, H, W), NaN invalid

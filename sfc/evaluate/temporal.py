@@ -125,7 +125,8 @@ def evaluate_temporal_consistency(model, mode: str, loader, flownet, num_classes
     if not gt:
         flownet.eval()
     seen = 0
-    bar = tqdm(loader, desc=f"temporal consistency K={k}", leave=False, dynamic_ncols=True,
+    bar = tqdm(dist.agreed(loader), total=len(loader), desc=f"temporal consistency K={k}",
+               leave=False, dynamic_ncols=True,
                disable=not (progress and dist.is_main()))
     for batch in bar:
         seg = batch["seg"].to(device)  # (B, 3, T, H, W)
@@ -196,7 +197,8 @@ def evaluate_streaming_tc(model, loader, judge, num_classes: int, eval_ids,
     if not gt:
         judge.eval()
     seen, pairs = 0, 0
-    bar = tqdm(loader, desc=f"streaming TC N={keyframe_interval}", leave=False,
+    bar = tqdm(dist.agreed(loader), total=len(loader),
+               desc=f"streaming TC N={keyframe_interval}", leave=False,
                dynamic_ncols=True, disable=not (progress and dist.is_main()))
     for batch in bar:
         seg, flw = batch["seg"].to(device), batch["flow"].to(device)  # (B, 3, T, H, W)

@@ -82,10 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the results of another job in --out (refused otherwise); the "
                         "same command again resumes instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; default: PyTorch's)")
     return p
 
 
 def validate(args) -> None:
+    flags.check_number(args, "threads", low=1)
     flags.check_number(args, "keyframe_interval", low=1)
     flags.check_number(args, "limit", low=1)
     flags.check_number(args, "fps", low=0, low_open=True)
@@ -221,6 +224,8 @@ def _write_json(path: Path, record: dict) -> None:
 
 def run(args) -> dict:
     validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = inspect_checkpoint(args.checkpoint)
     source = args.source or _source_of(info)

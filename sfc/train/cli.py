@@ -113,9 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cuda / cpu (default: cuda:LOCAL_RANK if available)")
     a("--amp", choices=["none", "bf16"], default="none", help="autocast (CUDA); fp32 default")
     a("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    a("--sfc-precision", choices=["float32", "autocast"], default="float32",
+      help="with --amp bf16: the SFC term's forwards in float32 (bf16 loses most of its "
+           "gradient, docs/pipeline.md) or under the same autocast as the source term")
+    a("--tf32", choices=["on", "off"], default=None,
+      help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
+           "matmuls off); the log and config.json record what was used")
+    a("--threads", type=int, default=None,
+      help="CPU threads of this process (torch.set_num_threads; default: PyTorch's)")
+    a("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+      help="training progress: a bar (terminal), one plain line every --progress-every "
+           "seconds (job logs), or nothing; auto: bar on a terminal, else lines")
+    a("--progress-every", type=float, default=30.0,
+      help="seconds between progress lines (--progress lines)")
+    a("--force-unlock", action="store_true",
+      help="take over the run directory's lock although its holder (another host, another "
+           "job) may still run — only when you know that job is gone")
     a("--stop-after", type=int, default=-1,
       help="stop (saving last.pt) after this iteration, as an interrupt would; for tests")
-    return p
+    return flags.quiet_off_rank_zero(p)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -129,6 +145,8 @@ def validate(args: argparse.Namespace) -> None:
     flags.check_number(args, "scale", low=0, low_open=True)
     flags.check_number(args, "momentum", low=0, high=1, high_open=True)
     flags.check_number(args, "stop_after", low=-1)
+    flags.check_number(args, "threads", low=1)
+    flags.check_number(args, "progress_every", low=0, low_open=True)
     flags.check_ints(args, "layers", 1)
     flags.check_size(args, "source_size")
     flags.check_size(args, "target_size")
@@ -237,17 +255,45 @@ def build_data(cfg) -> Data:
 
 
 def main(argv=None) -> int:
-    from sfc.train.runio import RunDirError
+    """Train; returns the exit status. With `$SFC_STATUS_FILE` set, rank 0 also writes there
+    why this attempt stopped (the run's `status.json` record, or one for an error before the
+    run started): how the stage scripts pass the documented exit status through a launcher
+    such as torchrun, which exits 1 whatever its workers did."""
+    from sfc.train import engine
+    from sfc.train.runio import RunDirError, WriteError
 
-    args = build_parser().parse_args(argv)
+    engine.LAST_STATUS = None
+    rc, message = 1, "crashed (see the traceback in the log)"
     try:
+        args = build_parser().parse_args(argv)
         resolve(args)
         flags.check_writable_dir(args.out, "--out")
-        from sfc.train.engine import train
-
-        return train(args, build_data(args))
-    except (*flags.BAD_INPUT, RunDirError) as e:
+        rc, message = engine.train(args, build_data(args)), ""
+        return rc
+    except SystemExit as e:  # argparse: a bad flag (its message printed on rank 0)
+        rc = e.code if isinstance(e.code, int) else 2
+        message = "" if rc == 0 else "bad command-line flags"
+        raise
+    except (*flags.BAD_INPUT, RunDirError, WriteError) as e:
         # Bad input (a flag out of range; a missing dataset, earlier run or weight file; a
-        # wrong checkpoint; a run directory in use or of another trajectory): one clear line,
-        # not a traceback from deep inside.
-        return flags.report("sfc.train", e)
+        # wrong checkpoint; a run directory in use or of another trajectory), or the data
+        # error that stopped a run (last.pt saved): one clear line, not a traceback.
+        rc, message = flags.report("sfc.train", e), flags.one_line(e)
+        return rc
+    finally:
+        _status_file(rc, message)
+
+
+def _status_file(rc: int, message: str) -> None:
+    import os
+
+    from sfc.train import engine, runio
+
+    path = os.environ.get("SFC_STATUS_FILE")
+    if not path or not flags.is_rank_zero():
+        return
+    rec = engine.LAST_STATUS
+    if rec is None:
+        reason = {0: "finished", 2: "bad_input"}.get(rc, "crashed")
+        rec = runio.status_record(reason, rc, message=message)
+    runio.write_status(path, rec)

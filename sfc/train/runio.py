@@ -1,7 +1,7 @@
 """Run-directory I/O: atomic checkpoints, config with code version, logs, RNG state.
 
 Layout of a run directory (rank 0 writes everything):
-  .lock          pid and host of the process running it (one run directory, one process)
+  .lock          pid, host and job id of the process running it (one directory, one process)
   config.json    resolved configuration + code version
   log.txt        human-readable log (also printed)
   metrics.jsonl  one JSON object per logged event (train losses, evaluations)
@@ -9,6 +9,7 @@ Layout of a run directory (rank 0 writes everything):
   last.pt        everything to resume (written atomically at each evaluation and on a signal)
   best.pt        networks at the best monitored value (strict improvement)
   result.json    summary written when the run finishes
+  status.json    why the last attempt stopped: reason, iteration, exit status, rank
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import time
@@ -32,7 +34,7 @@ TRAJECTORY_KEYS = ("stage", "source", "num_classes", "source_size", "target_size
                    "width", "seed", "batch_size", "world_size", "optimizer", "lr",
                    "weight_decay", "momentum", "warmup_lr", "warmup_iters", "warmup_order",
                    "sfc_weight", "scale", "source_prev_forward", "amp", "source_list",
-                   "synthia_val_frames", "bn_control")
+                   "synthia_val_frames", "bn_control", "sfc_precision")
 
 
 class RunDirError(ValueError):
@@ -41,9 +43,22 @@ class RunDirError(ValueError):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+class WriteError(OSError):
+    """A file of the run directory could not be written (full disk, quota, permissions); the
+    message names the file, the reason and the free space. The previous file is intact."""
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+    except OSError:
+        return "free space unknown"
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file in the same folder, fsync, then `os.replace`: a writer
-    killed at any point leaves the previous file at `path` intact."""
+    killed at any point leaves the previous file at `path` intact. A failed write (a full
+    disk) removes the temporary file and raises WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
@@ -52,6 +67,12 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(e.errno, f"writing {path} failed ({e.strerror or e}; "
+                                  f"{free_space(path.parent)} in {path.parent})") from None
+    except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
+        raise WriteError(None, f"writing {path} failed ({str(e).splitlines()[0]}; "
+                               f"{free_space(path.parent)} in {path.parent})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -68,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     except Exception as e:  # truncated zip, not a pickle, ...: name the file
         raise RunDirError(f"{path}: cannot be read ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else 'no detail'}) — truncated or "
-                          "not a checkpoint; move it away to start this run afresh") from None
+                          "not a checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunDirError(f"{path} is not an sfc run checkpoint (expected a dict with "
                           f"format={CHECKPOINT_FORMAT!r}, as written by `python -m sfc.train`)")
@@ -86,31 +107,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def job_id() -> str | None:
+    """The scheduler's id of this job (SLURM_JOB_ID, else TORCHELASTIC_RUN_ID), or None. A
+    SLURM requeue keeps the job id, on whatever node the job lands."""
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        v = os.environ.get(var)
+        if v and v != "none":
+            return f"{var}={v}"
+    return None
+
+
 class RunLock:
-    """`.lock` in the run directory, created exclusively (O_EXCL) with the holder's pid and
-    host. A second process on the same directory gets a RunDirError naming the holder; a lock
-    whose process is gone (same host, pid not running) is taken over (`taken_over` says
-    whose). A lock from another host cannot be checked and is respected."""
+    """`.lock` in the run directory, created exclusively (O_EXCL) with the holder's pid, host
+    and scheduler job id, refreshed (`refresh`) at every checkpoint. A second process on the
+    same directory gets a RunDirError naming the holder. Taken over: a lock whose process is
+    gone (same host, pid not running); a lock of the same job id on another host (a requeued
+    job on another node); any lock with `force=True` (`--force-unlock`: the user says its job
+    is gone). `taken_over` says whose."""
 
     NAME = ".lock"
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, force: bool = False):
         self.path = Path(run_dir) / self.NAME
         self.taken_over: dict | None = None
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_id(),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and (holder.get("host") != me["host"]
-                                           or _pid_alive(int(holder.get("pid", -1)))):
+                if holder is not None and not force and not self._stale(holder, me):
+                    when = holder.get("refreshed") or holder.get("since")
+                    job = f", job {holder['job']}" if holder.get("job") else ""
                     raise RunDirError(
                         f"{self.path.parent} is in use by pid {holder.get('pid')} on "
-                        f"{holder.get('host')} (since {holder.get('since')}; lock "
-                        f"{self.path}); wait for it to finish or use another --out (if that "
-                        "process is gone on another machine, delete the lock file)") from None
+                        f"{holder.get('host')}{job} (since {holder.get('since')}, last "
+                        f"checkpoint {when}; lock {self.path}); wait for it to finish or use "
+                        "another --out; if that job is gone (a node failure, a hard kill), "
+                        "run again with --force-unlock") from None
                 self.taken_over = holder or {"pid": None, "host": None}
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
@@ -120,6 +155,12 @@ class RunLock:
             return
         raise RunDirError(f"{self.path}: could not take the lock (another process keeps "
                           "creating it)")
+
+    @staticmethod
+    def _stale(holder: dict, me: dict) -> bool:
+        if holder.get("host") == me["host"]:
+            return not _pid_alive(int(holder.get("pid", -1)))
+        return holder.get("job") is not None and holder.get("job") == me["job"]
 
     def _holder(self) -> dict | None:
         """The lock's content; None when unreadable (a writer killed mid-write) even after a
@@ -131,6 +172,16 @@ class RunLock:
             except (OSError, ValueError):
                 continue
         return None
+
+    def refresh(self) -> None:
+        """Record the time of the latest checkpoint in the lock (never raises)."""
+        try:
+            if json.loads(self.path.read_text()) != self.mine:
+                return
+            self.mine = dict(self.mine, refreshed=time.strftime("%Y-%m-%d %H:%M:%S"))
+            write_json(self.path, self.mine)
+        except (OSError, ValueError):
+            pass
 
     def release(self) -> None:
         try:
@@ -169,11 +220,38 @@ def config_differences(saved: dict, now: dict) -> list[str]:
             if k in saved and saved[k] is not None and norm(saved[k]) != norm(now[k])]
 
 
-def check_resume(run_dir: str | os.PathLike, config: dict, world_size: int) -> dict | None:
+def _read_config_json(path: Path) -> dict | None:
+    """config.json's record, None when absent; RunDirError when it does not parse."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        return rec
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+
+
+def finished_result(run_dir: str | os.PathLike, iters: int) -> dict | None:
+    """`result.json` of a run that has finished `iters` iterations (its last evaluated
+    iteration), else None. A finished run needs neither `last.pt` nor anything else to say so."""
+    path = Path(run_dir) / "result.json"
+    try:
+        rec = json.loads(path.read_text())
+        done = int(rec["last"]["iter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec if done >= int(iters) else None
+
+
+def check_resume(run_dir: str | os.PathLike, config: dict, world_size: int,
+                 notes: list | None = None) -> dict | None:
     """Before training starts: the run directory's `last.pt` (returned, or None when there is
     none) must be readable and of the same stage, and the recorded configuration (`last.pt`'s,
     else `config.json`'s) must agree with `config` in every trajectory key. RunDirError
-    otherwise, naming the differing keys."""
+    otherwise, naming the differing keys. A `config.json` that does not parse beside a readable
+    `last.pt` is rewritten from the checkpoint's configuration (a line in `notes`)."""
     run_dir = Path(run_dir)
     last, cfg_file = run_dir / "last.pt", run_dir / "config.json"
     ckpt = None
@@ -183,11 +261,16 @@ def check_resume(run_dir: str | os.PathLike, config: dict, world_size: int) -> d
             raise RunDirError(f"{last} belongs to a {ckpt.get('stage')!r} run, not "
                               f"{config['stage']!r}; use another --out")
         saved = trajectory_config(ckpt.get("config") or {}, ckpt.get("world_size"))
-    elif cfg_file.is_file():
         try:
-            rec = json.loads(cfg_file.read_text())
-        except ValueError as e:
-            raise RunDirError(f"{cfg_file}: not JSON ({e})") from None
+            _read_config_json(cfg_file)
+        except RunDirError as e:
+            if notes is not None:  # the caller (rank 0) rewrites it
+                write_json(cfg_file, {"config": ckpt.get("config"),
+                                      "version": ckpt.get("version"),
+                                      "world_size": ckpt.get("world_size")})
+                notes.append(f"warning: {e}; rewritten from {last} (iteration {ckpt['iter']})")
+    elif cfg_file.is_file():
+        rec = _read_config_json(cfg_file)
         saved = trajectory_config(rec.get("config") or {}, rec.get("world_size"))
     else:
         return None
@@ -267,8 +350,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state() -> dict:
-    """Python, NumPy and torch (CPU and CUDA) generator states, as weights_only-loadable types."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, NumPy and torch generator states, and that of this process's own CUDA device
+    (`device`, when CUDA; no other device is touched), as weights_only-loadable types."""
     py = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -277,21 +361,26 @@ def rng_state() -> dict:
                   int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    if device is None or torch.device(device).type != "cuda":
+        return
+    device = torch.device(device)
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state:  # older checkpoints: every visible device's state
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index], device)
 
 
 # ---- code version and config ---------------------------------------------------------------
@@ -313,11 +402,19 @@ def code_version() -> str:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically (temp + rename)."""
+    """Write JSON atomically (temp + rename); WriteError (the previous file intact) when it
+    cannot be written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(e.errno, f"writing {path} failed ({e.strerror or e}; "
+                                  f"{free_space(path.parent)} in {path.parent})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink(missing_ok=True)
 
 
 # ---- logging -------------------------------------------------------------------------------
@@ -350,11 +447,19 @@ class RunLogger:
             return
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         print(line, flush=True)
-        self._log.write(line + "\n")
+        self._write(self._log, line + "\n")
+
+    def _write(self, f, text: str) -> None:
+        """A log line that cannot be written (a full disk) is still printed; the run's own
+        checks decide whether to stop, not a logging call."""
+        try:
+            f.write(text)
+        except OSError:
+            pass
 
     def metrics(self, record: dict) -> None:
         if self.enabled:
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._write(self._jsonl, json.dumps(record) + "\n")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.enabled:
@@ -373,5 +478,36 @@ class RunLogger:
         if self.enabled:
             if self._tb is not None:
                 self._tb.close()
-            self._log.close()
-            self._jsonl.close()
+            for f in (self._log, self._jsonl):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+# ---- why the run stopped -------------------------------------------------------------------
+EXIT_STATUS = {"finished": 0, "stop_after": 0, "bad_input": 2, "data_error": 2,
+               "resume_mismatch": 2, "nonfinite": 3, "write_failed": 4, "peer_failed": 5}
+
+
+def status_record(reason: str, exit_status: int, iteration: int | None = None,
+                  rank: int | None = None, message: str = "", resumable: bool = False,
+                  **extra) -> dict:
+    """What `status.json` (and `$SFC_STATUS_FILE`) hold: why the attempt stopped, at which
+    iteration, the exit status the documentation gives for it, the rank the reason came from,
+    whether running the same command again resumes, and `$SFC_ATTEMPT_ID` when set."""
+    rec = {"reason": reason, "exit_status": int(exit_status), "iteration": iteration,
+           "rank": rank, "resumable": bool(resumable), "message": message,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(),
+           "attempt": os.environ.get("SFC_ATTEMPT_ID")}
+    rec.update(extra)
+    return rec
+
+
+def write_status(path: str | os.PathLike, record: dict) -> bool:
+    """Write a status record; False (never an exception) when it cannot be written."""
+    try:
+        write_json(path, record)
+        return True
+    except OSError:
+        return False

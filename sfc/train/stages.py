@@ -31,26 +31,31 @@ CHAIRS_EXPORT = "flownet_flyingchairs_pretrained.pth"  # the flownet stage's exp
 
 
 class NonFiniteLoss(RuntimeError):
-    """A NaN/Inf found before a backward pass: `what` is "loss" or "flow", `term` its name."""
+    """A NaN/Inf found before a backward pass: `what` is "loss" or "flow", `term` its name,
+    `rank` the first process that found it (every process raises it together)."""
 
-    def __init__(self, term: str, value: float, what: str = "loss"):
+    def __init__(self, term: str, value: float, what: str = "loss", rank: int = 0):
         super().__init__(f"non-finite {what} term {term!r} = {value}")
-        self.term, self.value, self.what = term, value, what
+        self.term, self.value, self.what, self.rank = term, value, what, rank
 
 
-def _any_rank_bad(bad: torch.Tensor) -> bool:
-    """`bad` (a bool tensor) on any process: all ranks stop together (none is left waiting in
-    a collective of the backward pass)."""
+def _bad_rank(bad: torch.Tensor) -> int | None:
+    """The first process on which `bad` (a bool tensor) holds, or None: all ranks stop
+    together (none is left waiting in a collective of the backward pass)."""
     if dist.get_world_size() > 1:
-        flag = bad.to(torch.int32).reshape(1)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        bad = flag[0] > 0
-    return bool(bad)
+        w = dist.get_world_size()
+        flags = torch.zeros(w, dtype=torch.int32, device=bad.device)
+        flags[dist.get_rank()] = bad.to(torch.int32).reshape(())
+        torch.distributed.all_reduce(flags)
+        hit = flags.nonzero()
+        return int(hit[0]) if hit.numel() else None
+    return 0 if bool(bad) else None
 
 
 def _checked(term: str, loss: torch.Tensor) -> torch.Tensor:
-    if _any_rank_bad(~torch.isfinite(loss.detach()).all()):
-        raise NonFiniteLoss(term, float(loss.detach().float().item()))
+    rank = _bad_rank(~torch.isfinite(loss.detach()).all())
+    if rank is not None:
+        raise NonFiniteLoss(term, float(loss.detach().float().item()), rank=rank)
     return loss
 
 
@@ -70,8 +75,9 @@ class _FlowWatch:
 
     def check(self) -> None:
         flags, self.flags = self.flags, []
-        if flags and _any_rank_bad(torch.stack(flags).any()):
-            raise NonFiniteLoss(self.term, float("nan"), what="flow")
+        rank = _bad_rank(torch.stack(flags).any()) if flags else None
+        if rank is not None:
+            raise NonFiniteLoss(self.term, float("nan"), what="flow", rank=rank)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -103,6 +109,17 @@ class Stage:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def sfc_autocast(self):
+        """The precision of the SFC term's forwards (and so of its backward). Under --amp bf16
+        the SFC loss's inputs, the logits of the target forwards, lose most of their gradient
+        when the SegNet runs in bf16 (softmax(100 · logits) turns the rounding of the features
+        into flipped soft masks: cosine 0.61 to float64 on a trained SegNet, docs/pipeline.md),
+        so by default (`--sfc-precision float32`) the SFC term runs in float32 and only the
+        source term in bf16; `--sfc-precision autocast` runs it in bf16 too."""
+        if getattr(self.cfg, "sfc_precision", "float32") == "autocast":
+            return self.autocast()
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def _load_frozen_flow_nets(self) -> None:
         """flownet_global (FlowNet_pretrain stage-two FlowNet) and SFM, frozen, eval mode."""
         if self.bn_control:
@@ -128,16 +145,27 @@ class Stage:
     # -- several processes ---------------------------------------------------------------
     def wrap_ddp(self) -> None:
         """Wrap the trained networks in `DistributedDataParallel` (call after loading a resumed
-        state: the wrapper broadcasts rank 0's parameters and buffers). `broadcast_buffers=
-        False`: each rank's BatchNorm statistics follow its own batches (rank 0's are the ones
+        state: rank 0's parameters and buffers are broadcast once). No buffer sync in the
+        forward: each rank's BatchNorm statistics follow its own batches (rank 0's are the ones
         evaluated and saved, see the engine); frozen networks are not wrapped."""
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # PyTorch >= 2.14: `forward_sync_buffers=False` broadcasts rank 0's buffers at
+        # construction and never again (`broadcast_buffers` is deprecated there, and False
+        # skips the construction broadcast too); older: `broadcast_buffers=False`, then rank
+        # 0's buffers broadcast by hand
+        new_api = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        kw = {"forward_sync_buffers": False} if new_api else {"broadcast_buffers": False}
         for name in self.main_nets:
             net = self.nets[name]
             if any(p.requires_grad for p in net.parameters()):
                 ids = [self.device] if self.device.type == "cuda" else None
-                self.ddp[name] = DDP(net, device_ids=ids, broadcast_buffers=False)
+                self.ddp[name] = DDP(net, device_ids=ids, **kw)
+                if not new_api:
+                    for b in net.buffers():
+                        torch.distributed.broadcast(b, 0)
 
     def model(self, name: str) -> nn.Module:
         """What the training step calls: the DDP wrapper of `name` if any, else the network."""
@@ -227,12 +255,12 @@ class SegNetStage(Stage):
         if self.bn_control:
             # the SFC loss's two target forwards (t-1, then t), train mode, through the backbone
             # only (it holds every BN, as in quirk 7): the same BatchNorm updates; no loss
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.sfc_autocast():
                 self.nets["segnet"].features(tgt["seg"][:, :, -2])
                 self.nets["segnet"].features(tgt["seg"][:, :, -1])
         elif self.sfc:
             t_seg, t_flow = tgt["seg"], tgt["flow"]
-            with self.autocast():
+            with self.sfc_autocast():
                 lp = net(t_seg[:, :, -2])
                 lc = net(t_seg[:, :, -1])
                 l_sfc = _checked("sfc", losses.sfc_loss(
@@ -309,11 +337,11 @@ class AccelStage(Stage):
                 raise ValueError(f"SFC stage two needs 3-frame target clips, got {s.shape[2]}")
         if self.bn_control:
             # the SFC loss's two Accel forwards (frame t from (t-1, t), then t-1 from (t-2, t-1))
-            with torch.no_grad(), self.autocast():
+            with torch.no_grad(), self.sfc_autocast():
                 accel(s[:, :, 1:], f[:, :, 1:])
                 accel(s[:, :, :2], f[:, :, :2])
         elif self.sfc:
-            with self.autocast():
+            with self.sfc_autocast():
                 l_sfc = _checked("sfc", losses.accel_sfc_loss(
                     s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,
                     self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale))

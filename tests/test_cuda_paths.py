@@ -1,0 +1,77 @@
+"""The CUDA paths where they run (issue 17, item 7; needs a GPU, skipped otherwise): one bf16 +
+channels_last training step of every stage kind at a small size, `sfc.predict` and
+`sfc.evaluate` on CUDA, and the RNG state of the process's own device only."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = ["--device", "cuda", "--amp", "bf16", "--channels-last", "--iters", "2",
+        "--eval-every", "2"]
+
+
+def _train(data, out, *extra) -> int:
+    from sfc import train
+
+    return train.main(["--data", str(data), "--out", str(out), *TINY_TRAIN, *CUDA, *extra])
+
+
+@pytest.mark.parametrize("kind", ["segnet", "segnet_sfc", "accel", "accel_sfc", "sfm"])
+def test_one_bf16_channels_last_step_of_each_stage_kind(kind, tiny_data, tiny_runs, tmp_path):
+    runs = tiny_runs
+    sfc = ["--flownet-ckpt", str(runs["accel"]), "--sfm-ckpt", str(runs["sfm"])]
+    args = {
+        "segnet": ["--stage", "segnet", "--imagenet-init", "none"],
+        "segnet_sfc": ["--stage", "segnet", "--imagenet-init", "none", "--sfc-weight", "0.005",
+                       *sfc],
+        "accel": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
+                  str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"])],
+        "accel_sfc": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
+                      str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"]),
+                      "--sfc-weight", "0.001", *sfc],
+        "sfm": ["--stage", "sfm", "--flownet-ckpt", str(runs["accel"])],
+    }[kind]
+    out = tmp_path / kind
+    assert _train(tiny_data, out, *args) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["last"]["iter"] == 2 and result["last"]["value"] is not None
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["precision"]["autocast"] == "bf16"
+    ck = torch.load(out / "last.pt", weights_only=True, map_location="cpu")
+    assert "cuda_device" in ck["rng"] and "cuda" not in ck["rng"]  # its own device only
+
+
+def test_predict_and_evaluate_on_cuda(tiny_data, tiny_runs, tmp_path):
+    from sfc.evaluate import main as evaluate
+    from sfc.predict.cli import main as predict
+
+    ckpt = tiny_runs["accel"] / "best.pt"
+    frames = sorted((tiny_data / "Cityscapes" / "leftImg8bit_sequence" / "val").iterdir())[0]
+    assert predict(["--checkpoint", str(ckpt), "--frames", str(frames), "--out",
+                    str(tmp_path / "pred"), "--limit", "6", "--device", "cuda",
+                    "--no-progress"]) == 0
+    assert json.loads((tmp_path / "pred" / "predict.json").read_text())["complete"] is True
+    rec = tmp_path / "e.json"
+    for amp in ([], ["--amp", "bf16"]):
+        assert evaluate(["--checkpoint", str(ckpt), "--data", str(tiny_data), "--device",
+                         "cuda", *amp, "--workers", "0", "--no-progress", "--json",
+                         str(rec), "--temporal-consistency", "--tc-flow", "gt"]) == 0
+        r = json.loads(rec.read_text())
+        assert 0.0 <= r["miou"] <= 1.0 and 0.0 < r["temporal_consistency"]["tc"] <= 1.0
+
+
+def test_rng_state_of_the_own_device_round_trips():
+    from sfc.train import runio
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    state = runio.rng_state(dev)
+    assert set(state) == {"python", "numpy", "torch", "cuda_device"}
+    a = torch.rand(4, device=dev)
+    runio.set_rng_state(state, dev)
+    assert torch.equal(torch.rand(4, device=dev), a)
