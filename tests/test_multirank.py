@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN
+from test_cluster import _wait_for_iterations
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -77,19 +78,6 @@ def _rank_pid(launcher: int, rank: int, timeout=60.0) -> int:
     raise AssertionError(f"no rank {rank} under pid {launcher}")
 
 
-def _wait_iters(out: Path, n: int, proc, timeout=180.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        m = out / "metrics.jsonl"
-        if m.is_file() and sum('"train"' in x for x in m.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.communicate())
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("training did not start")
-
-
 def _sfc_traceback(stderr: str) -> bool:
     """A traceback through sfc's code or a raw collective failure (torchrun's own
     ChildFailedError block is expected whenever a worker exits non-zero)."""
@@ -143,7 +131,7 @@ def test_signal_to_rank_one_only_and_the_stage_script_status(tiny_data, tmp_path
            "--iters", "100000", "--eval-every", "100000", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=script_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_iters(out, 3, proc)
+    _wait_for_iterations(out, 3, proc)
     launcher = next(p for p in _children(proc.pid))
     os.kill(_rank_pid(launcher, 1), signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=120)
@@ -171,7 +159,7 @@ def test_a_killed_rank_leaves_rank_zero_saving(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(tiny_data, out, "--iters", "100000", "--eval-every", "100000",
                      wait=False)
-    _wait_iters(out, 3, proc)
+    _wait_for_iterations(out, 3, proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
     st = _status(out)
