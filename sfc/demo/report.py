@@ -347,6 +347,8 @@ def format_seeds(agg: dict) -> list[str]:
         for r in agg["paired"]:
             for key in PAIRED_KEYS:
                 d = r[key]
+                if all(v is None for v in d["per_seed"]):
+                    continue  # e.g. deployed TC of a single-frame SegNet
                 seeds = ", ".join("—" if v is None else f"{100 * v:+.1f}" for v in d["per_seed"])
                 ms = (f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}" if "mean" in d else "—")
                 out.append(f"{r['model']:<24}{key:<13}{seeds:<28}{ms:>16}")

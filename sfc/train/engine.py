@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Subset
 
 from sfc import dist, flags
 from sfc.data.io import DatasetError
-from sfc.train.progress import make_progress
 from sfc.train import runio, tb_pictures
+from sfc.train.progress import make_progress
 from sfc.train.stages import NonFiniteLoss, build_stage
 from sfc.train.streams import (
     JOB_SIGNALS,
