@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -396,14 +397,18 @@ class Trainer:
     def run(self) -> int:
         """Train to `iters` (or a stop); returns the exit status (a data error is raised as
         its one-line DatasetError after last.pt is saved, on every rank)."""
-        try:
-            return self._run()
-        except _Stop as st:
-            return self._stop(st)
-        except Exception as e:
-            if not dist.is_peer_failure(e):
-                raise
-            return self._peer_failed(e)
+        # the job signals stay caught while a stop is carried out: a launcher's SIGTERM (torchrun
+        # ends the other workers when one exits non-zero) must not kill rank 0 while it saves
+        with _Signals() as self.sig:
+            try:
+                return self._run()
+            except _Stop as st:
+                return self._stop(st)
+            except Exception as e:
+                if not dist.is_peer_failure(e):
+                    raise
+                self.peer_failed = True
+                return self._peer_failed(e)
 
     def _fetch(self):
         """The next source (+ target) batch, the streams' positions before it, and the
@@ -498,49 +503,48 @@ class Trainer:
                                  desc=cfg.stage, enabled=self.main,
                                  every=getattr(cfg, "progress_every", 30.0))
         t0 = time.time()
-        with _Signals() as self.sig:
-            sig = self.sig
-            if (self.iter and self.iter % cfg.eval_every == 0 and self.iter < cfg.iters
-                    and (self.last_eval or {}).get("iter") != self.iter):
-                self._evaluate_or_stop()  # an evaluation a data error interrupted
+        sig = self.sig
+        if (self.iter and self.iter % cfg.eval_every == 0 and self.iter < cfg.iters
+                and (self.last_eval or {}).get("iter") != self.iter):
+            self._evaluate_or_stop()  # an evaluation a data error interrupted
+        batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
+        self._agree(sig, err, stepped=False)
+        while self.iter < cfg.iters:
+            i = self.iter
+            self._snapshot()
+            self._phase = "step"
+            stage.train_mode()
+            lr = stage.set_iteration_lr(i)
+            stage.optimizer.zero_grad(set_to_none=True)
+            try:
+                terms = stage.train_step(*batch)
+            except NonFiniteLoss as e:
+                on = f" on rank {e.rank}" if self.info.world_size > 1 else ""
+                raise _Stop("nonfinite", e.rank, save=False, message=(
+                    f"non-finite {e.what} at iteration {i + 1}{on} (term {e.term!r}"
+                    + (f" = {e.value}" if e.rank == self.info.rank else "")
+                    + "), before its backward")) from None
+            stage.optimizer.step()
+            bad = _nonfinite_parameter(named)
+            if bad is not None:
+                raise _Stop("nonfinite", 0, save=False, message=(
+                    f"non-finite parameter {bad!r} after the step of iteration {i + 1} "
+                    "(term 'parameters')"))
+            self.iter = i + 1
+            self._phase = "boundary"
+            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()},
+                                  "lr": f"{lr:.2e}"}, refresh=False)
+            self.bar.update(1)
+            if self.main and (self.iter % cfg.log_every == 0 or self.iter == 1):
+                self.log.metrics({"split": "train", "iter": self.iter, "lr": lr, **terms,
+                                  "sec": round(time.time() - t0, 2)})
+                self.log.scalars({**{f"train/loss_{k}": v for k, v in terms.items()},
+                                  "train/lr": lr}, self.iter)
+            if self.iter % cfg.eval_every == 0 or self.iter == cfg.iters:
+                self._evaluate_or_stop()
+                self.save_last()
             batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
-            self._agree(sig, err, stepped=False)
-            while self.iter < cfg.iters:
-                i = self.iter
-                self._snapshot()
-                self._phase = "step"
-                stage.train_mode()
-                lr = stage.set_iteration_lr(i)
-                stage.optimizer.zero_grad(set_to_none=True)
-                try:
-                    terms = stage.train_step(*batch)
-                except NonFiniteLoss as e:
-                    on = f" on rank {e.rank}" if self.info.world_size > 1 else ""
-                    raise _Stop("nonfinite", e.rank, save=False, message=(
-                        f"non-finite {e.what} at iteration {i + 1}{on} (term {e.term!r}"
-                        + (f" = {e.value}" if e.rank == self.info.rank else "")
-                        + "), before its backward")) from None
-                stage.optimizer.step()
-                bad = _nonfinite_parameter(named)
-                if bad is not None:
-                    raise _Stop("nonfinite", 0, save=False, message=(
-                        f"non-finite parameter {bad!r} after the step of iteration {i + 1} "
-                        "(term 'parameters')"))
-                self.iter = i + 1
-                self._phase = "boundary"
-                self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()},
-                                      "lr": f"{lr:.2e}"}, refresh=False)
-                self.bar.update(1)
-                if self.main and (self.iter % cfg.log_every == 0 or self.iter == 1):
-                    self.log.metrics({"split": "train", "iter": self.iter, "lr": lr, **terms,
-                                      "sec": round(time.time() - t0, 2)})
-                    self.log.scalars({**{f"train/loss_{k}": v for k, v in terms.items()},
-                                      "train/lr": lr}, self.iter)
-                if self.iter % cfg.eval_every == 0 or self.iter == cfg.iters:
-                    self._evaluate_or_stop()
-                    self.save_last()
-                batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
-                self._agree(sig, err)
+            self._agree(sig, err)
         self.bar.close()
         if self.last_eval is None or self.last_eval["iter"] != self.iter:
             self._evaluate_or_stop()  # quirk 1: the final iterate is always evaluated and kept
@@ -594,6 +598,12 @@ class Trainer:
             if st.reason in ("write_failed", "resume_mismatch", "nonfinite"):
                 print(f"sfc.train: error: {msg[len('stopping: '):]}", file=sys.stderr)
         self._write_status(st, self.iter)
+        try:  # nobody exits (and makes a launcher end the others) before rank 0 has saved
+            dist.barrier()
+        except Exception as e:
+            if not dist.is_peer_failure(e):
+                raise
+            self.peer_failed = True
         if st.reason == "data_error":
             raise DatasetError(st.message + on)
         return st.exit_status
@@ -610,6 +620,7 @@ class Trainer:
         self._restore_streams()
         saved = self.save_last()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]
         sig = getattr(getattr(self, "sig", None), "signum", 0)
         also = f", and this process received {signal.Signals(sig).name}" if sig else ""
         where = f"during iteration {self.iter + 1}" if during else f"at iteration {self.iter}"
@@ -618,7 +629,7 @@ class Trainer:
                   "resume" if saved else f"last.pt not written ({self._saved_iter()})"))
         if self.main:
             self.log.info(msg)
-        self._write_status(_Stop("peer_failed", -1, msg), self.iter)
+        self._write_status(_Stop("peer_failed", None, msg), self.iter)  # rank: unknown
         return runio.EXIT_STATUS["peer_failed"]
 
     def _write_result(self, path: Path) -> None:
@@ -663,8 +674,14 @@ def train(cfg, data) -> int:
     if getattr(cfg, "threads", None):
         torch.set_num_threads(cfg.threads)
     apply_precision(cfg)
-    trainer = Trainer(cfg, data)
+    trainer = None
     try:
+        trainer = Trainer(cfg, data)
         return trainer.run()
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
+        # an orderly end of the process group (without it gloo's threads can abort the process
+        # at exit); not after a peer died: there is nobody left to shut down with
+        if not getattr(trainer, "peer_failed", False):
+            dist.cleanup()
