@@ -3,8 +3,10 @@
 The one pictures module of the package (TensorBoard pictures drawn during training are composed
 from these in :mod:`sfc.train.tb_pictures`). Everything returns ``H×W×3`` ``uint8`` RGB arrays
 (numpy), so that the same images go to TensorBoard (``add_image(..., dataformats="HWC")``), PNG
-files, videos and galleries. Flow colours are ``torchvision.utils.flow_to_image``; grids are
-``torchvision.utils.make_grid`` (titles are a small PIL step on top).
+files, videos and galleries. Flow colours are the Middlebury colour code (Baker et al., "A
+Database and Evaluation Methodology for Optical Flow", IJCV 2011) as ``torchvision.utils.
+flow_to_image`` draws it (tested equal), written here in NumPy so that no command pays for
+importing torchvision (about a second per process); titles are a small PIL step on top.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import flow_to_image, make_grid
 
 from sfc.data.io import SEG_MEAN_BGR
 
@@ -58,6 +59,44 @@ def _flow_tensor(flow) -> torch.Tensor:
     return f
 
 
+def _colour_wheel() -> np.ndarray:
+    """The Middlebury colour wheel: 55 hues, red → yellow → green → cyan → blue → magenta →
+    red, segments of 15, 6, 4, 11, 13, 6 steps, (55, 3) float in 0..255."""
+    segments = ((15, 0, 1, +1), (6, 1, 0, -1), (4, 1, 2, +1), (11, 2, 1, -1), (13, 2, 0, +1),
+                (6, 0, 2, -1))  # (steps, the channel at 255, the channel that ramps, up/down)
+    rows = []
+    for n, full, ramp, sign in segments:
+        seg = np.zeros((n, 3))
+        seg[:, full] = 255
+        up = np.floor(255 * np.arange(n) / n)
+        seg[:, ramp] = up if sign > 0 else 255 - up
+        rows.append(seg)
+    return np.concatenate(rows)
+
+
+_WHEEL = _colour_wheel()
+
+
+def flow_to_image(flow: torch.Tensor) -> torch.Tensor:
+    """Flow ``(N,) 2×H×W`` float → ``(N,) 3×H×W`` uint8 in the Middlebury colour code: hue =
+    direction, saturation = magnitude relative to the largest in the batch (white = none)."""
+    f = flow.detach().float().cpu().numpy()
+    one = f.ndim == 3
+    f = f[None] if one else f
+    norm = np.sqrt((f ** 2).sum(axis=1))  # (N, H, W)
+    scale = norm.max() + np.finfo(np.float32).eps
+    u, v, norm = f[:, 0] / scale, f[:, 1] / scale, norm / scale
+    n = len(_WHEEL)
+    fk = (np.arctan2(-v, -u) / np.pi + 1) / 2 * (n - 1)  # position on the wheel
+    k0 = np.floor(fk).astype(np.int64)
+    k1 = np.where(k0 + 1 == n, 0, k0 + 1)
+    frac = (fk - k0)[..., None]
+    col = (1 - frac) * _WHEEL[k0] / 255.0 + frac * _WHEEL[k1] / 255.0  # (N, H, W, 3)
+    col = 1 - norm[..., None] * (1 - col)
+    img = torch.from_numpy(np.floor(255 * col).astype(np.uint8)).permute(0, 3, 1, 2)
+    return img[0] if one else img
+
+
 def flows_to_rgb(flows: Sequence) -> list[np.ndarray]:
     """Flows ``2×H×W`` (u, v; equal sizes) → ``H×W×3`` uint8 images on **one** colour scale:
     hue = direction, saturation = magnitude relative to the largest of all (white = no
@@ -92,11 +131,15 @@ def resize_nearest(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _grid(images: Sequence[np.ndarray], nrow: int, pad: int) -> np.ndarray:
-    """``make_grid`` of equal-size ``H×W×3`` uint8 images on white, without the outer border."""
-    t = [torch.from_numpy(np.array(im[..., :3])).permute(2, 0, 1) for im in images]
-    g = make_grid(t, nrow=nrow, padding=pad, pad_value=255)  # (3, H', W') uint8
-    return np.ascontiguousarray(g.permute(1, 2, 0).numpy()[pad:g.shape[1] - pad,
-                                                           pad:g.shape[2] - pad])
+    """Equal-size ``H×W×3`` uint8 images in rows of ``nrow``, ``pad`` white pixels between them
+    (no outer border)."""
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // nrow)
+    out = np.full((rows * (h + pad) - pad, nrow * (w + pad) - pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = im[..., :3]
+    return out
 
 
 def side_by_side(
@@ -120,8 +163,7 @@ def side_by_side(
 def stack_rows(rows: Sequence[np.ndarray], pad: int = 4) -> np.ndarray:
     """Stack images vertically (padding the narrower ones on the right with white).
 
-    Written out rather than ``make_grid``: the rows may differ in height (a titled row above
-    an untitled one), and ``make_grid`` needs equal sizes."""
+    The rows may differ in height (a titled row above an untitled one)."""
     width = max(r.shape[1] for r in rows)
     out = []
     for i, r in enumerate(rows):

@@ -77,3 +77,33 @@ def test_side_by_side_and_stack_rows_shapes():
     grid = vis.stack_rows([row, a], pad=3)
     assert grid.shape == (22 + 3 + 8, 22, 3)
     assert (grid[25:, :10] == 0).all() and (grid[25:, 10:] == 255).all()
+
+
+def test_flow_colours_and_grids_equal_torchvisions():
+    """sfc.vis draws flow in NumPy (no torchvision import in the commands): the same pixels as
+    torchvision.utils.flow_to_image, and grids as torchvision.utils.make_grid."""
+    import numpy as np
+    import torch
+    from torchvision.utils import flow_to_image, make_grid
+
+    from sfc import vis
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 37, 53), (3, 2, 20, 30)):
+        f = torch.randn(*shape, generator=g) * 5
+        assert torch.equal(vis.flow_to_image(f), flow_to_image(f))
+    rng = np.random.default_rng(0)
+    ims = [rng.integers(0, 256, (8, 10, 3), dtype=np.uint8) for _ in range(5)]
+    ref = make_grid([torch.from_numpy(i).permute(2, 0, 1) for i in ims], nrow=3, padding=4,
+                    pad_value=255).permute(1, 2, 0).numpy()[4:-4, 4:-4]
+    assert np.array_equal(vis._grid(ims, 3, 4), ref)
+
+
+def test_no_command_imports_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys, sfc.train.cli, sfc.train.engine, sfc.evaluate.cli, sfc.predict.cli, "
+            "sfc.vis; print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
