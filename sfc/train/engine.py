@@ -37,6 +37,7 @@ run would keep the statistics of the batches it saw). Rank 0 does all I/O.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -679,9 +680,16 @@ def train(cfg, data) -> int:
         trainer = Trainer(cfg, data)
         return trainer.run()
     finally:
+        failed = getattr(trainer, "peer_failed", False)
         if trainer is not None:
             trainer.close()
-        # an orderly end of the process group (without it gloo's threads can abort the process
-        # at exit); not after a peer died: there is nobody left to shut down with
-        if not getattr(trainer, "peer_failed", False):
+            stage = getattr(trainer, "stage", None)
+            if stage is not None:
+                stage.ddp.clear()  # the DDP reducers hold the process group
+            del trainer, stage
+            gc.collect()
+        # An orderly end of the process group before the interpreter's: gloo's worker threads
+        # otherwise release tensors during finalisation and can abort the process (SIGABRT
+        # after a successful run). Not after a peer died: nobody is left to shut down with.
+        if not failed:
             dist.cleanup()
