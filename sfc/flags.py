@@ -125,15 +125,19 @@ def check_device(device: str | None) -> None:
                         f"cuda:0 .. cuda:{n - 1}")
 
 
-def check_writable_dir(path, flag: str) -> Path:
-    """Create the folder ``path`` if needed and prove it writable with a probe file."""
+def check_writable_dir(path, flag: str, create: bool = True) -> Path:
+    """Prove the folder ``path`` writable with a probe file: created if needed, or with
+    ``create=False`` probed in its nearest existing parent (nothing left behind — for commands
+    whose later checks may still refuse the job)."""
     p = Path(path)
     blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
     if blocker is not None:
         raise FlagError(f"{flag} {p}: cannot write there ({blocker} is a file, not a folder)")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".sfc-write-probe-"):
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        where = p if p.is_dir() else next(q for q in p.parents if q.is_dir())
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".sfc-write-probe-"):
             pass
     except OSError as e:
         raise FlagError(f"{flag} {p}: cannot write there ({e.strerror or e})") from None

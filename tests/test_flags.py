@@ -115,3 +115,14 @@ def test_data_check_reports_a_label_of_another_size(tree, capsys):
         assert f"is {w - 4}x{h - 2}, its frame is {w}x{h}" in out and "broken: 1" in out
     finally:
         label.write_bytes(keep)
+
+
+def test_writable_dir_probe_without_creating(tmp_path):
+    from sfc import flags
+
+    target = tmp_path / "a" / "b"
+    assert flags.check_writable_dir(target, "--out", create=False) == target
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(flags.FlagError, match="is a file, not a folder"):
+        flags.check_writable_dir(tmp_path / "f" / "sub", "--out", create=False)

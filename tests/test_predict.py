@@ -204,7 +204,7 @@ def test_predict_png_as_video_is_one_line_and_writes_nothing(tiny_data, ckpts, t
                  str(out), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "an image file, not a video" in err and "Traceback" not in err
-    assert not any(out.iterdir())  # no color/, labelIds/, overlay/, MP4 or JSON
+    assert not out.exists()  # not even the --out folder (nor color/, labelIds/, MP4, JSON)
 
 
 def _run(ckpts, folder, out, *extra):
@@ -293,3 +293,14 @@ def test_predict_full_disk_is_one_line_and_leaves_no_broken_file(tiny_data, ckpt
     assert len(err.splitlines()) == 1 and "No space left on device" in err
     assert str(out) in err and "after 2 of 8 frames" in err and "resume" in err
     assert not (out / "prediction.mp4").exists() and not [p for p in out.rglob(".*")]
+
+
+def test_predict_takes_a_run_directory(tiny_data, tiny_runs, tmp_path):
+    """As sfc.train and sfc.evaluate: a run directory stands for its best.pt."""
+    folder, _ = _frames(tiny_data)
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(tiny_runs["accel"]), "--frames", str(folder), "--out",
+                 str(out), "--limit", "3", "--device", "cpu", "--no-progress"]) == 0
+    rec = json.loads((out / "predict.json").read_text())
+    assert rec["frames"] == 3 and rec["mode"] == "accel"
+    assert rec["checkpoint"] == str(tiny_runs["accel"])  # as given (the job's identity)

@@ -42,7 +42,13 @@ from tqdm import tqdm
 from sfc import flags, vis
 from sfc.data.classes import get_protocol, labelids_of_train_ids
 from sfc.data.io import DatasetError, flow_normalise, resize_rgb, seg_normalise
-from sfc.evaluate.checkpoint import SOURCE_CLASSES, build_model, check_classes, inspect_checkpoint
+from sfc.evaluate.checkpoint import (
+    SOURCE_CLASSES,
+    build_model,
+    check_classes,
+    inspect_checkpoint,
+    resolve_run,
+)
 from sfc.predict.frames import FrameFolder, VideoFile
 from sfc.predict.stream import StreamingAccel
 
@@ -56,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--checkpoint", required=True,
-                   help="an Accel run's best.pt/last.pt, the release's stage-two best.pth, or a "
-                        "SegNet run (per-frame prediction)")
+                   help="an Accel run (its directory, best.pt or last.pt), the release's "
+                        "stage-two best.pth, or a SegNet run (per-frame prediction)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--frames", metavar="DIR", help="a folder of frames (name order)")
     src.add_argument("--video", metavar="FILE", help="a video file (read with OpenCV)")
@@ -94,7 +100,7 @@ def validate(args) -> None:
     flags.check_number(args, "fps", low=0, low_open=True)
     flags.check_size(args, "size")
     flags.check_device(args.device)
-    flags.check_writable_dir(args.out, "--out")
+    flags.check_writable_dir(args.out, "--out", create=False)  # created once the input is ok
 
 
 def _source_of(info) -> str:
@@ -227,7 +233,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = inspect_checkpoint(args.checkpoint)
+    info = inspect_checkpoint(resolve_run(args.checkpoint))  # a file or a run directory
     source = args.source or _source_of(info)
     check_classes(info, source)
     protocol = get_protocol(SOURCE_CLASSES[source])
