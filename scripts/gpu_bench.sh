@@ -5,13 +5,15 @@
 #   SFC_BENCH_DRY=1 bash scripts/gpu_bench.sh # CPU dry run at a tiny size (checks the script)
 #
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
-#   1. CUDA tests (pytest -m cuda; since issue 17 also one bf16 step per stage)  90
-#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32            130
-#   3. the same in bf16 autocast + channels_last + the proposed foreach SGD   110
-#   4. release-style reference vs project (SFC stage one, SFM), fp32           70
-#   5. loaders: native-size synthetic tree, 1 worker and 8 workers              80
-# (limits sum to 480 s; expected about 5 minutes). $OUT (default save_results/gpu_bench) gets
-# at most 6 files (the device tool returns 8): bench_{fp32,bf16,reference,loaders}.json,
+#   1. CUDA tests (pytest -m cuda; since issue 17 also one bf16 step per stage)  80
+#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32            110
+#   3. the same in bf16 autocast + channels_last + the proposed foreach SGD   100
+#   4. release-style reference vs project (SFC stage one, SFM), fp32           60
+#   5. loaders: native-size synthetic tree, 1 worker and 8 workers              60
+#   6. --compile default: SFC stage one, fp32 (its compilation in the warm-up)    70
+# (limits sum to 480 s; parts 1-5 took about 5 minutes on 2026-12-04). $OUT (default
+# save_results/gpu_bench) gets at most 7 files (the device tool returns 8):
+# bench_{fp32,bf16,reference,loaders,compile}.json,
 # run.log (everything printed) and summary.txt (environment, part status, all tables).
 # No pip installs: the repo runs from PYTHONPATH.
 set -uo pipefail
@@ -29,7 +31,7 @@ if [[ "${SFC_BENCH_DRY:-0}" == "1" ]]; then
   ITERS=(--iters 1 --warmup 0 --eval-images 1)
   REF_ITERS=(--iters 1 --warmup 0)
   LOADER=(--loader-samples 1 --loader-workers 2)
-  T=(60 120 120 60 120)
+  T=(60 120 120 60 120 240)
   PYTEST_MARK="cuda and not slow"
   [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON:-}" ]] && PY="$ROOT/.venv/bin/python"
 else
@@ -38,7 +40,7 @@ else
   ITERS=(--iters 5 --warmup 3 --eval-images 4)
   REF_ITERS=(--iters 3 --warmup 1)
   LOADER=(--loader-samples 8 --loader-workers 8)
-  T=(90 130 110 70 80)
+  T=(80 110 100 60 60 70)
   PYTEST_MARK="cuda"
 fi
 
@@ -75,6 +77,9 @@ part bench_bf16 "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@
   --precision bf16 --channels-last --foreach-sgd --json "$OUT/bench_bf16.json"
 part reference "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
   --stages --reference --json "$OUT/bench_reference.json"
+part bench_compile "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  --precision fp32 --compile default --stages segnet_sfc --no-flops --eval-images 0 \
+  --json "$OUT/bench_compile.json"
 # Loaders: the workers needed are computed from the bf16 step times just measured.
 part loaders "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" --stages --loaders "${LOADER[@]}" \
   --steps-from "$OUT/bench_bf16.json" "$OUT/bench_fp32.json" --json "$OUT/bench_loaders.json"

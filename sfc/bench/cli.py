@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--width", type=int, default=64, help="ResNet stem width")
     a("--channels-last", action="store_true",
       help="channels_last networks (the engine's --channels-last; CUDA only)")
+    a("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+      help="torch.compile the networks (the engine's --compile); the warm-up steps absorb the "
+           "compilation")
     a("--foreach-sgd", action="store_true",
       help="replace RepeatedSGD by the proposed multi-tensor version (sfc.bench.fastopt)")
     a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
-            bc = config(prec, foreach_sgd=args.foreach_sgd)
+            bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile)
             for kind in args.stages:
                 log(f"[bench] {kind} {prec} source {src} target {tgt} ...")
                 rec = run.measure_stage(kind, bc, args.iters, args.warmup, args.eval_images,

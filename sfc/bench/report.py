@@ -19,7 +19,8 @@ def stage_table(stages: list[dict]) -> str:
     rows = []
     for r in stages:
         mem = r["peak_mem_bytes"] / GIB
-        rows.append([r["kind"], r["precision"] + (" cl" if r.get("channels_last") else ""),
+        rows.append([r["kind"], r["precision"] + (" cl" if r.get("channels_last") else "")
+                     + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else ""),
                      "{}×{} / {}×{}".format(*r["source_size"], *r["target_size"]),
                      _f(r["step_s"] * 1e3, ".1f"),
                      _f(r.get("opt_s") and r["opt_s"] * 1e3, ".1f")

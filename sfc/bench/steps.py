@@ -49,6 +49,7 @@ class BenchConfig:
     width: int = 64
     channels_last: bool = False  # the engine's --channels-last (applied on CUDA only)
     foreach_sgd: bool = False  # proposed multi-tensor RepeatedSGD (sfc.bench.fastopt)
+    compile: str = "none"  # the engine's --compile (torch.compile of the networks)
     source_prev_forward: bool = True  # SFC stage one's unused source forward (quirk 7)
     seed: int = 0
 
@@ -105,6 +106,7 @@ def build(kind: str, bc: BenchConfig, ckpt_dir: Path | None = None, log=lambda s
         cfg = resolve(build_parser().parse_args(train_args(kind, bc, d)))
         torch.manual_seed(bc.seed)
         stage = stages.build_stage(cfg, torch.device(bc.device), log=log)
+        stage.compile(bc.compile)
     if bc.foreach_sgd and kind != "sfm":  # the SFM's Adam is PyTorch's own
         from sfc.bench.fastopt import use_foreach_sgd
 

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sfc-precision", choices=["float32", "autocast"], default="float32",
       help="with --amp bf16: the SFC term's forwards in float32 (bf16 loses most of its "
            "gradient, docs/pipeline.md) or under the same autocast as the source term")
+    a("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"],
+      default="none",
+      help="torch.compile the networks (none: eager, the reference; see docs/benchmark.md); "
+           "the state-dict keys and checkpoints are unchanged")
     a("--tf32", choices=["on", "off"], default=None,
       help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
            "matmuls off); the log and config.json record what was used")

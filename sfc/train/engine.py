@@ -168,6 +168,7 @@ class Trainer:
             self.data = data
             runio.seed_everything(cfg.seed)
             self.stage = build_stage(cfg, self.device, log=self.log.info)
+            self.stage.compile(getattr(cfg, "compile", "none"))
             self._build_loaders(data)
         except BaseException:
             self.close()
@@ -662,6 +663,7 @@ def apply_precision(cfg) -> None:
         torch.backends.cudnn.allow_tf32 = tf32 == "on"
         torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
     cfg.precision = {"autocast": getattr(cfg, "amp", None) or "none",
+                     "compile": getattr(cfg, "compile", "none"),
                      "sfc_term": ("float32" if getattr(cfg, "sfc_precision", "float32") ==
                                   "float32" else getattr(cfg, "amp", None) or "none"),
                      "tf32_conv": bool(torch.backends.cudnn.allow_tf32),
