@@ -1,4 +1,5 @@
-"""The demo's measurements, each through the command a user would run: `python -m
+"""The demo's measurements, each through the command a user would run (its `main`, called in
+the demo's process: the same code and output without a second start-up): `python -m
 sfc.evaluate` on the three Accels (source-only, BN control, SFC; best and last iterate) with
 the keyframe distances 1, 2, 5 and temporal consistency (per keyframe distance, and as deployed:
 the streaming Accel with a keyframe every 5 frames), on the three update-branch SegNets
