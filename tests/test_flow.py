@@ -238,24 +238,25 @@ def test_multiscale_epe_matches_a_direct_computation():
 
 def test_flownet_stage_beats_the_zero_baseline(tmp_path):
     """A short CPU run of `--stage flownet` on a small synthetic Flying Chairs (64×48, motions
-    ×3 so that they are not sub-pixel at the 1/4 grid): the val EPE falls below the zero-flow
-    baseline and below its first evaluation; the export loads as --chairs-init. (From scratch a
+    ×3 so that they are not sub-pixel at the 1/4 grid): after 300 steps the val EPE falls below
+    the zero-flow baseline (5.153 vs 5.180 px on 2026-12-04: a thin margin, the run is seeded
+    and single-threaded) and below its first evaluation; the export loads as --chairs-init. (From scratch a
     FlowNetS sits near the zero-flow plateau for hundreds of steps; the demo's 1500 steps at
     128×96 reach 0.62 of the baseline.)"""
     root = tmp_path / "data"
     write_flying_chairs(root / "FlyingChairs", count=200, size=(64, 48), seed=1, motion=3.0)
     out = tmp_path / "run"
     rc = subprocess.run([sys.executable, "-m", "sfc.train", "--stage", "flownet", "--data",
-                         str(root), "--out", str(out), "--iters", "400", "--eval-every", "100",
+                         str(root), "--out", str(out), "--iters", "300", "--eval-every", "100",
                          "--lr", "1e-3", "--num-workers", "0", "--device", "cpu"],
                         capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr[-2000:]
     res = json.loads((out / "result.json").read_text())
-    assert res["monitor"] == "epe" and res["last"]["iter"] == 400
+    assert res["monitor"] == "epe" and res["last"]["iter"] == 300
     assert res["last"]["value"] < res["last"]["epe_zero"]
     vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     epes = [x["epe"] for x in vals if x["split"] == "val"]
-    assert len(epes) == 4 and epes[-1] < epes[0]
+    assert len(epes) == 3 and epes[-1] < epes[0]
     from sfc.train.inputs import chairs_init, load_chairs_into
 
     for arg in (out, out / "best.pt", out / "flownet_flyingchairs_pretrained.pth"):
