@@ -72,3 +72,21 @@ def tiny_runs(tiny_data, tmp_path_factory):
     assert train.main(["--stage", "sfm", "--out", str(runs["sfm"]), *common,
                        "--flownet-ckpt", str(runs["accel"])]) == 0
     return runs
+
+
+STAGE_KINDS = ("segnet", "segnet_sfc", "accel", "accel_sfc", "sfm")
+
+
+def stage_kind_flags(kind: str, runs: dict) -> list[str]:
+    """The sfc.train flags of one stage kind on the tiny earlier runs (`tiny_runs`)."""
+    sfc = ["--flownet-ckpt", str(runs["accel"]), "--sfm-ckpt", str(runs["sfm"])]
+    accel = ["--stage", "accel", "--chairs-init", "none", "--update-ckpt", str(runs["segnet"]),
+             "--reference-ckpt", str(runs["segnet"])]
+    return {
+        "segnet": ["--stage", "segnet", "--imagenet-init", "none"],
+        "segnet_sfc": ["--stage", "segnet", "--imagenet-init", "none", "--sfc-weight", "0.005",
+                       *sfc],
+        "accel": accel,
+        "accel_sfc": [*accel, "--sfc-weight", "0.001", *sfc],
+        "sfm": ["--stage", "sfm", "--flownet-ckpt", str(runs["accel"])],
+    }[kind]

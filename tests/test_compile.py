@@ -1,15 +1,15 @@
 """`--compile` (issue 18, item 4): the compiled training step equals the eager one within
 float32 tolerance for every stage kind, with and without the SFC loss. Inductor compiles C++
 on the CPU (5-30 s per stage kind here), more than `make test`'s 5-minute budget leaves, so
-the compiled steps run with `SFC_COMPILE_TESTS=1` (`make test ARGS=...` passes it through the
-environment); the suite itself checks the switch's wiring."""
+the compiled steps run with `SFC_COMPILE_TESTS=1 make test` (the environment reaches the
+tests); the suite itself checks the switch's wiring."""
 
 import copy
 import os
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from conftest import STAGE_KINDS, TINY_TRAIN, stage_kind_flags
 from torch.utils.data import default_collate
 
 from sfc import train
@@ -17,24 +17,13 @@ from sfc.train.stages import build_stage
 from sfc.train.streams import to_device
 
 RUN = os.environ.get("SFC_COMPILE_TESTS") == "1"
-KINDS = ["segnet", "segnet_sfc", "accel", "accel_sfc", "sfm"]
+KINDS = list(STAGE_KINDS)
 
 
 def _args(kind, data, runs, out):
-    sfc = ["--flownet-ckpt", str(runs["accel"]), "--sfm-ckpt", str(runs["sfm"])]
-    extra = {
-        "segnet": ["--stage", "segnet", "--imagenet-init", "none"],
-        "segnet_sfc": ["--stage", "segnet", "--imagenet-init", "none", "--sfc-weight", "0.005",
-                       *sfc],
-        "accel": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
-                  str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"])],
-        "accel_sfc": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
-                      str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"]),
-                      "--sfc-weight", "0.001", *sfc],
-        "sfm": ["--stage", "sfm", "--flownet-ckpt", str(runs["accel"])],
-    }[kind]
     return train.resolve(train.build_parser().parse_args(
-        ["--data", str(data), "--out", str(out), *TINY_TRAIN, "--device", "cpu", *extra]))
+        ["--data", str(data), "--out", str(out), *TINY_TRAIN, "--device", "cpu",
+         *stage_kind_flags(kind, runs)]))
 
 
 def _step(stage, src, tgt):

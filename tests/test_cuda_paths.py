@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from conftest import STAGE_KINDS, TINY_TRAIN, stage_kind_flags
 
 pytestmark = [
     pytest.mark.cuda,
@@ -22,21 +22,9 @@ def _train(data, out, *extra) -> int:
     return train.main(["--data", str(data), "--out", str(out), *TINY_TRAIN, *CUDA, *extra])
 
 
-@pytest.mark.parametrize("kind", ["segnet", "segnet_sfc", "accel", "accel_sfc", "sfm"])
+@pytest.mark.parametrize("kind", STAGE_KINDS)
 def test_one_bf16_channels_last_step_of_each_stage_kind(kind, tiny_data, tiny_runs, tmp_path):
-    runs = tiny_runs
-    sfc = ["--flownet-ckpt", str(runs["accel"]), "--sfm-ckpt", str(runs["sfm"])]
-    args = {
-        "segnet": ["--stage", "segnet", "--imagenet-init", "none"],
-        "segnet_sfc": ["--stage", "segnet", "--imagenet-init", "none", "--sfc-weight", "0.005",
-                       *sfc],
-        "accel": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
-                  str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"])],
-        "accel_sfc": ["--stage", "accel", "--chairs-init", "none", "--update-ckpt",
-                      str(runs["segnet"]), "--reference-ckpt", str(runs["segnet"]),
-                      "--sfc-weight", "0.001", *sfc],
-        "sfm": ["--stage", "sfm", "--flownet-ckpt", str(runs["accel"])],
-    }[kind]
+    args = stage_kind_flags(kind, tiny_runs)
     out = tmp_path / kind
     assert _train(tiny_data, out, *args) == 0
     result = json.loads((out / "result.json").read_text())

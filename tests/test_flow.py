@@ -240,9 +240,9 @@ def test_flownet_stage_beats_the_zero_baseline(tmp_path):
     """A short CPU run of `--stage flownet` on a small synthetic Flying Chairs (64×48, motions
     ×3 so that they are not sub-pixel at the 1/4 grid): after 300 steps the val EPE falls below
     the zero-flow baseline (5.153 vs 5.180 px on 2026-12-04: a thin margin, the run is seeded
-    and single-threaded) and below its first evaluation; the export loads as --chairs-init. (From scratch a
-    FlowNetS sits near the zero-flow plateau for hundreds of steps; the demo's 1500 steps at
-    128×96 reach 0.62 of the baseline.)"""
+    and single-threaded) and below its first evaluation; the export loads as --chairs-init.
+    (From scratch a FlowNetS sits near the zero-flow plateau for hundreds of steps; the demo's
+    1500 steps at 128×96 reach 0.62 of the baseline.)"""
     root = tmp_path / "data"
     write_flying_chairs(root / "FlyingChairs", count=200, size=(64, 48), seed=1, motion=3.0)
     out = tmp_path / "run"
