@@ -48,7 +48,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Subset
 
 from sfc import dist, flags
@@ -91,13 +90,6 @@ class _Signals:
             signal.signal(s, h)
 
 
-def _broadcast_buffers(stage) -> None:
-    if dist.get_world_size() > 1:
-        for net in stage.nets.values():
-            for b in net.buffers():
-                torch_dist.broadcast(b, 0)
-
-
 LAST_STATUS: dict | None = None  # the status record of this process's latest stop (rank 0)
 
 
@@ -114,10 +106,6 @@ class _Stop(Exception):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum if self.reason == "signal" else runio.EXIT_STATUS[self.reason]
-
-
-class _NoSignal:
-    signum = 0
 
 
 def precision_line(cfg, device) -> str:
@@ -331,7 +319,7 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------
     def evaluate(self) -> dict:
-        _broadcast_buffers(self.stage)
+        self.stage.broadcast_buffers()
         res = self.stage.validate(self.val_loader,
                                   progress=self.main and self.progress == "bar")
         mon = self.stage.monitor
@@ -429,14 +417,14 @@ class Trainer:
         for k, st in (self._states or {}).items():
             self.streams[k].load_state_dict(st)
 
-    def _agree(self, sig, fetch_error, stepped: bool = True) -> None:
+    def _agree(self, signum: int, fetch_error, stepped: bool = True) -> None:
         """Once per iteration, every rank's reasons to stop are gathered (one all-reduce of a
         few ints; nothing in a single process): a failed write (rank 0), a data error, a
         signal, --stop-after. Raises _Stop on every rank alike, or returns."""
         cfg = self.cfg
         running = self.iter < cfg.iters  # at the end the run finishes instead
         row = [int(self.write_failure is not None), int(fetch_error is not None),
-               sig.signum if running else 0,
+               signum if running else 0,
                int(stepped and running and self.iter == cfg.stop_after)]
         rows = dist.gather_rows(row)
         firsts = [next((r for r, x in enumerate(rows) if x[col]), None) for col in range(4)]
@@ -510,7 +498,7 @@ class Trainer:
                 and (self.last_eval or {}).get("iter") != self.iter):
             self._evaluate_or_stop()  # an evaluation a data error interrupted
         batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
-        self._agree(sig, err, stepped=False)
+        self._agree(sig.signum, err, stepped=False)
         while self.iter < cfg.iters:
             i = self.iter
             self._snapshot()
@@ -546,7 +534,7 @@ class Trainer:
                 self._evaluate_or_stop()
                 self.save_last()
             batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
-            self._agree(sig, err)
+            self._agree(sig.signum, err)
         self.bar.close()
         if self.last_eval is None or self.last_eval["iter"] != self.iter:
             self._evaluate_or_stop()  # quirk 1: the final iterate is always evaluated and kept
@@ -556,7 +544,7 @@ class Trainer:
                 self._write_result(result_path)
             except runio.WriteError as e:
                 self.write_failure = str(e)
-        self._agree(_NoSignal, None)  # a failed final write stops every rank alike
+        self._agree(0, None)  # a failed final write stops every rank alike
         self._write_status(None, self.iter)
         dist.barrier()
         return 0

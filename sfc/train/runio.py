@@ -55,6 +55,11 @@ def free_space(folder: str | os.PathLike) -> str:
         return "free space unknown"
 
 
+def _write_error(path: Path, reason: str) -> WriteError:
+    return WriteError(None, f"writing {path} failed ({reason}; {free_space(path.parent)} in "
+                            f"{path.parent})")
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file in the same folder, fsync, then `os.replace`: a writer
     killed at any point leaves the previous file at `path` intact. A failed write (a full
@@ -68,11 +73,9 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(e.errno, f"writing {path} failed ({e.strerror or e}; "
-                                  f"{free_space(path.parent)} in {path.parent})") from None
+        raise _write_error(path, e.strerror or str(e)) from None
     except RuntimeError as e:  # torch.save's zip writer reports a full disk this way
-        raise WriteError(None, f"writing {path} failed ({str(e).splitlines()[0]}; "
-                               f"{free_space(path.parent)} in {path.parent})") from None
+        raise _write_error(path, str(e).splitlines()[0]) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -410,8 +413,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(e.errno, f"writing {path} failed ({e.strerror or e}; "
-                                  f"{free_space(path.parent)} in {path.parent})") from None
+        raise _write_error(path, e.strerror or str(e)) from None
     finally:
         if tmp.exists():
             tmp.unlink(missing_ok=True)

@@ -42,14 +42,8 @@ class NonFiniteLoss(RuntimeError):
 def _bad_rank(bad: torch.Tensor) -> int | None:
     """The first process on which `bad` (a bool tensor) holds, or None: all ranks stop
     together (none is left waiting in a collective of the backward pass)."""
-    if dist.get_world_size() > 1:
-        w = dist.get_world_size()
-        flags = torch.zeros(w, dtype=torch.int32, device=bad.device)
-        flags[dist.get_rank()] = bad.to(torch.int32).reshape(())
-        torch.distributed.all_reduce(flags)
-        hit = flags.nonzero()
-        return int(hit[0]) if hit.numel() else None
-    return 0 if bool(bad) else None
+    rows = dist.gather_rows([int(bool(bad))])
+    return next((r for r, (flag,) in enumerate(rows) if flag), None)
 
 
 def _checked(term: str, loss: torch.Tensor) -> torch.Tensor:
@@ -180,9 +174,15 @@ class Stage:
             if any(p.requires_grad for p in net.parameters()):
                 ids = [self.device] if self.device.type == "cuda" else None
                 self.ddp[name] = DDP(net, device_ids=ids, **kw)
-                if not new_api:
-                    for b in net.buffers():
-                        torch.distributed.broadcast(b, 0)
+        if not new_api:
+            self.broadcast_buffers()
+
+    def broadcast_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) to every rank."""
+        if dist.get_world_size() > 1:
+            for net in self.nets.values():
+                for b in net.buffers():
+                    torch.distributed.broadcast(b, 0)
 
     def model(self, name: str) -> nn.Module:
         """What the training step calls: the DDP wrapper of `name` if any, else the network."""
