@@ -5,16 +5,22 @@
 #   SFC_BENCH_DRY=1 bash scripts/gpu_bench.sh # CPU dry run at a tiny size (checks the script)
 #
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
-#   1. CUDA tests (pytest -m cuda; since issue 17 also one bf16 step per stage)  80
-#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32            110
-#   3. the same in bf16 autocast + channels_last + the proposed foreach SGD   100
-#   4. release-style reference vs project (SFC stage one, SFM), fp32           60
-#   5. loaders: native-size synthetic tree, 1 worker and 8 workers              60
-#   6. --compile default: SFC stage one, fp32 (its compilation in the warm-up)    70
-# (limits sum to 480 s; parts 1-5 took about 5 minutes on 2026-12-04). $OUT (default
-# save_results/gpu_bench) gets at most 7 files (the device tool returns 8):
-# bench_{fp32,bf16,reference,loaders,compile}.json,
-# run.log (everything printed) and summary.txt (environment, part status, all tables).
+#   1. CUDA tests (pytest -m cuda -x: a bf16 step per stage kind, the no-sync deferred checks) 75
+#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, checks read at once     110
+#      (--check-every 1, the behaviour before issue 18): FLOPs, evaluation, profiler counts
+#   3. the same in fp32 with deferred checks (--check-every 50, the CUDA default), counts    70
+#   4. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD, deferred checks, counts           75
+#   5. release-style reference vs project (SFC stage one), fp32                              30
+#   6. --compile default, SFC stage one, bf16, deferred checks (compiles in the warm-up:
+#      86-100 s of the limit on 2026-12-04); then the pipeline from the fastest row per stage
+#      kind of parts 2-6                                                                      90
+#   7. loaders: native-size synthetic tree, 1 worker and 8 workers                           30
+# (limits sum to 480 s; 2026-12-04: parts of 30-100 s each, several at their limit — see
+# docs/benchmark.md.) bf16 + channels_last is not measured any more: slower than fp32 in 4 of 5
+# stage kinds in the first measurement (native channels-last BatchNorm). $OUT (default
+# save_results/gpu_bench) gets 3 files (the device tool returns 8): bench_all.json (every
+# part's JSON, by name), run.log (everything printed), summary.txt (environment, part status,
+# all tables).
 # No pip installs: the repo runs from PYTHONPATH.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,19 +37,20 @@ if [[ "${SFC_BENCH_DRY:-0}" == "1" ]]; then
   ITERS=(--iters 1 --warmup 0 --eval-images 1)
   REF_ITERS=(--iters 1 --warmup 0)
   LOADER=(--loader-samples 1 --loader-workers 2)
-  T=(60 120 120 60 120 240)
+  T=(60 120 120 120 60 240 120)
   PYTEST_MARK="cuda and not slow"
   [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON:-}" ]] && PY="$ROOT/.venv/bin/python"
 else
   DEV=(--device cuda --cudnn-benchmark)
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
-  ITERS=(--iters 5 --warmup 3 --eval-images 4)
+  ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
   LOADER=(--loader-samples 8 --loader-workers 8)
-  T=(80 110 100 60 60 70)
+  T=(75 110 70 75 30 90 30)
   PYTEST_MARK="cuda"
 fi
-
+NOEVAL=(--no-flops --eval-images 0)
+DEFER=(--check-every 50)
 STATUS=()
 LOG="$OUT/run.log"
 : > "$LOG"
@@ -67,22 +74,29 @@ $(nproc) CPU cores"
 echo "$ENV" | tee -a "$LOG"
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part tests_cuda "${T[0]}" "$PY" -m pytest -q -m "$PYTEST_MARK" tests -p no:cacheprovider
+  part tests_cuda "${T[0]}" "$PY" -m pytest -q -x --tb=short -m "$PYTEST_MARK" tests \
+    -p no:cacheprovider
 else  # no pytest there: at least the exactness check of the proposed foreach SGD
   part tests_cuda "${T[0]}" "$PY" -m sfc.bench.fastopt "${DEV[1]}"
 fi
 part bench_fp32 "${T[1]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  --precision fp32 --json "$OUT/bench_fp32.json"
-part bench_bf16 "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  --precision bf16 --channels-last --foreach-sgd --json "$OUT/bench_bf16.json"
-part reference "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
-  --stages --reference --json "$OUT/bench_reference.json"
+  --precision fp32 --check-every 1 --profile-counts --json "$OUT/bench_fp32.json"
+part bench_fp32_deferred "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --profile-counts \
+  --json "$OUT/bench_fp32_deferred.json"
+part bench_bf16 "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  --no-flops --precision bf16 --foreach-sgd "${DEFER[@]}" --profile-counts \
+  --json "$OUT/bench_bf16.json"
+part reference "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
+  --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" \
+  --json "$OUT/bench_reference.json"
 part bench_compile "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  --precision fp32 --compile default --stages segnet_sfc --no-flops --eval-images 0 \
-  --json "$OUT/bench_compile.json"
-# Loaders: the workers needed are computed from the bf16 step times just measured.
-part loaders "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" --stages --loaders "${LOADER[@]}" \
-  --steps-from "$OUT/bench_bf16.json" "$OUT/bench_fp32.json" --json "$OUT/bench_loaders.json"
+  "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --compile default \
+  --stages segnet_sfc --profile-counts --json "$OUT/bench_compile.json" \
+  --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_deferred.json "$OUT"/bench_bf16.json
+# Loaders: the workers needed are computed from the step times just measured.
+part loaders "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" --stages --loaders "${LOADER[@]}" \
+  --steps-from "$OUT"/bench_*.json --json "$OUT/bench_loaders.json"
 
 {
   echo "gpu_bench finished $(date -Is)"
@@ -92,3 +106,14 @@ part loaders "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" --stages --loaders "${LOAD
     [[ -f "$f" ]] && { echo; echo "## $(basename "$f" .md)"; cat "$f"; rm -f "$f"; }
   done
 } | tee "$OUT/summary.txt"
+# one JSON of every part (the device tool returns at most 8 files)
+"$PY" - "$OUT" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+parts = sorted(out.glob("bench_*.json"))
+all_ = {p.stem: json.loads(p.read_text()) for p in parts if p.name != "bench_all.json"}
+(out / "bench_all.json").write_text(json.dumps(all_, indent=1))
+for p in parts:
+    if p.name != "bench_all.json":
+        p.unlink()
+PYEOF

@@ -79,7 +79,14 @@ def init_distributed(device=None, backend: str | None = None) -> DistInfo:
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    global _HOST_GROUP
+    # the ranks' per-iteration agreement (a few ints) goes through a CPU (gloo) group beside
+    # NCCL: a CUDA tensor there would stall the launch queue of every training step
+    _HOST_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
     return DistInfo(rank, world_size, local_rank, dev, True)
+
+
+_HOST_GROUP = None  # gloo group for host-side agreement when the main backend is NCCL
 
 
 def is_dist() -> bool:
@@ -117,19 +124,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _collective_device() -> torch.device:
     """Where a collective's tensors must live: the current CUDA device under NCCL, else CPU."""
-    if dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl" and _HOST_GROUP is None:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def gather_rows(row: list[int]) -> list[list[int]]:
     """Every process's `row` of ints, on every process (one all-reduce of a world × len
-    tensor); `[row]` in a single process. How the ranks agree on why (and whether) to stop."""
+    tensor); `[row]` in a single process. How the ranks agree on why (and whether) to stop.
+    Under NCCL it runs on the CPU group beside it (no CUDA stream involved: no stall of the
+    training step's queued kernels)."""
     if not (is_dist() and get_world_size() > 1):
         return [[int(v) for v in row]]
     t = torch.zeros(get_world_size(), len(row), dtype=torch.int64, device=_collective_device())
     t[get_rank()] = torch.tensor([int(v) for v in row], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_HOST_GROUP)
     return t.cpu().tolist()
 
 
@@ -138,7 +147,7 @@ def gather_objects(obj) -> list:
     if not (is_dist() and get_world_size() > 1):
         return [obj]
     out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_HOST_GROUP)
     return out
 
 
@@ -204,8 +213,10 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 def cleanup() -> None:
+    global _HOST_GROUP
     if is_dist():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 class ShardSampler(Sampler):

@@ -158,13 +158,15 @@ def one_hot_masks(gt: torch.Tensor, num_classes: int) -> torch.Tensor:
 def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tensor,
              gt_cur: torch.Tensor, flownet_global: nn.Module, sfm: nn.Module,
              gt_down4x: torch.Tensor | None = None,
-             of: torch.Tensor | None = None) -> torch.Tensor:
+             of: torch.Tensor | None = None,
+             num_classes: int | None = None) -> torch.Tensor:
     """SFM pre-training loss: `EPE(SF_gt, OF)` masked by `gt_down4x` (method §4). `of`: the
     caller's `global_flow(flownet_global, img_prev, img_cur)` if it has it (else computed).
 
     gt_prev/gt_cur `B×H×W` labels at image size (-1 ignore); one-hot masks; only classes present
     in either label (per sample) are summed. gt_down4x `B×⌈H/4⌉×⌈W/4⌉` current label on the flow
-    grid, or None for an unmasked EPE. Gradients reach the SFM's parameters here.
+    grid, or None for an unmasked EPE. `num_classes`: labels are < it (the dataset's count);
+    the same loss, bit for bit, as without it. Gradients reach the SFM's parameters here.
     """
     if gt_prev.shape != gt_cur.shape or gt_cur.shape != (img_cur.shape[0], *img_cur.shape[-2:]):
         raise ValueError(f"sfm_loss: gt_prev {tuple(gt_prev.shape)} and gt_cur "
@@ -172,8 +174,10 @@ def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tenso
                          f"{tuple(img_cur.shape)}")
     if of is None:
         of = global_flow(flownet_global, img_prev, img_cur)
-    # Only presence matters, so any C above the largest label gives the same loss.
-    num_classes = int(max(gt_prev.max().item(), gt_cur.max().item(), 0)) + 1
+    # Only presence matters, so any C above the largest label gives the same loss: the
+    # dataset's class count when the caller knows it (no host read), else the largest label + 1
+    if num_classes is None:
+        num_classes = int(max(gt_prev.max().item(), gt_cur.max().item(), 0)) + 1
     m_prev = one_hot_masks(gt_prev, num_classes).to(img_prev.dtype)
     m_cur = one_hot_masks(gt_cur, num_classes).to(img_cur.dtype)
     present = (m_prev.flatten(2).amax(dim=2) + m_cur.flatten(2).amax(dim=2)) > 0  # (B, C)

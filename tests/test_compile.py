@@ -1,5 +1,6 @@
 """`--compile` (issue 18, item 4): the compiled training step equals the eager one within
-float32 tolerance for every stage kind, with and without the SFC loss. Inductor compiles C++
+float32 tolerance for every stage kind, with and without the SFC loss, and a compiled run
+resumes bit-exactly. Inductor compiles C++
 on the CPU (5-30 s per stage kind here), more than `make test`'s 5-minute budget leaves, so
 the compiled steps run with `SFC_COMPILE_TESTS=1 make test` (the environment reaches the
 tests); the suite itself checks the switch's wiring."""
@@ -78,3 +79,29 @@ def test_compile_switch_wiring(tiny_data, tiny_runs, tmp_path):
     assert {k: list(n.state_dict()) for k, n in stage.nets.items()} == keys
     with pytest.raises(ValueError, match="compile mode"):
         stage.compile("fast")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN, reason="compiles C++ for minutes on a CPU: SFC_COMPILE_TESTS=1")
+def test_compiled_run_resumes_exactly(tiny_data, tiny_runs, tmp_path):
+    """A compiled run (with the deferred checks) interrupted after 2 iterations and resumed
+    ends bit-identical to the uninterrupted compiled run: parameters, BN statistics, results."""
+    import json
+
+    from sfc.train import runio
+
+    def run(out, *extra):
+        return train.main(["--data", str(tiny_data), "--out", str(out), *TINY_TRAIN,
+                           "--device", "cpu", *stage_kind_flags("segnet", tiny_runs),
+                           "--iters", "4", "--eval-every", "2", "--compile", "default",
+                           "--check-every", "3", *extra])
+
+    assert run(tmp_path / "a") == 0
+    assert run(tmp_path / "b", "--stop-after", "2") == 0
+    assert runio.load_checkpoint(tmp_path / "b" / "last.pt")["iter"] == 2
+    assert run(tmp_path / "b") == 0
+    ma = runio.load_checkpoint(tmp_path / "a" / "last.pt")["models"]["segnet"]
+    mb = runio.load_checkpoint(tmp_path / "b" / "last.pt")["models"]["segnet"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    ra, rb = (json.loads((tmp_path / d / "result.json").read_text()) for d in "ab")
+    assert ra == rb and ra["last"]["iter"] == 4

@@ -63,3 +63,47 @@ def test_rng_state_of_the_own_device_round_trips():
     a = torch.rand(4, device=dev)
     runio.set_rng_state(state, dev)
     assert torch.equal(torch.rand(4, device=dev), a)
+
+
+# ---- issue 18, item 2: the deferred finiteness checks on the GPU ---------------------------
+def _bench_stage(kind, every="50", **kw):
+    from sfc.bench import steps
+
+    bc = steps.BenchConfig(device="cuda", source_size=(64, 32), target_size=(64, 32),
+                           layers=(1, 1, 1, 1), width=8, check_every=every, **kw)
+    stage = steps.build(kind, bc)
+    return stage, *steps.make_batches(kind, bc)
+
+
+@pytest.mark.parametrize("kind", ["segnet", "segnet_sfc", "accel", "accel_sfc"])
+def test_deferred_checks_step_without_host_sync(kind):
+    """With --check-every > 1 a whole training iteration (losses, flow flags, backward, the
+    step with its discarded-update selection) runs with no host sync: CUDA's sync debug mode
+    raises on any synchronising call. (The SFM stage reads its label classes on purpose.)"""
+    from sfc.bench import steps
+
+    stage, src, tgt = _bench_stage(kind)
+    steps.train_iteration(stage, src, tgt, 0)  # lazy initialisation, cuDNN choices
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps.train_iteration(stage, src, tgt, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stage.guard.read() is None
+
+
+def test_deferred_nan_flow_on_cuda_discards_the_update():
+    """A NaN flow on CUDA (no pre-backward read there): the backward runs without a crash, the
+    update is discarded on the device, and the read names the flow term."""
+    from sfc.bench import steps
+
+    stage, src, tgt = _bench_stage("accel")
+    steps.train_iteration(stage, src, tgt, 0)
+    with torch.no_grad():
+        stage.nets["accel"].flownet.predict_flow2.bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in stage.trainable_parameters()]
+    steps.train_iteration(stage, src, tgt, 1)
+    assert stage.guard.read() == (2, "flow", "accel.flownet", 0)
+    for b, p in zip(before, stage.trainable_parameters()):  # NaN where we put it, else equal
+        assert torch.equal(b.nan_to_num(), p.detach().nan_to_num())

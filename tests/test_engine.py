@@ -143,6 +143,55 @@ def test_non_finite_loss_stops_without_overwriting(data_root, tmp_path, monkeypa
     assert not (tmp_path / "result.json").exists()
 
 
+def _nan_at(monkeypatch, iteration):
+    """seg_loss returns NaN in the given 1-based training iteration."""
+    from sfc import losses
+
+    real, calls = losses.seg_loss, {"n": 0}
+
+    def flaky(logits, gt):
+        out = real(logits, gt)
+        if isinstance(logits, tuple):  # one top-level call per iteration (main, aux)
+            calls["n"] += 1
+            if calls["n"] == iteration:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(losses, "seg_loss", flaky)
+
+
+def test_deferred_checks_train_the_same_run(data_root, tmp_path):
+    """--check-every 3 (flags on the device, a discarded-update selection every step) gives
+    the same parameters, BN statistics and results as reading every check at once."""
+    common = ["--iters", "4", "--eval-every", "2", "--seed", "5", "--log-every", "100"]
+    assert _segnet(data_root, tmp_path / "a", *common, "--check-every", "1") == 0
+    assert _segnet(data_root, tmp_path / "b", *common, "--check-every", "3") == 0
+    ma, mb = _models(tmp_path / "a" / "last.pt"), _models(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(v, mb["segnet"][k]) for k, v in ma["segnet"].items())
+    ra = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert ra == json.loads((tmp_path / "b" / "result.json").read_text())
+    assert "read every 3 iterations" in (tmp_path / "b" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("extra,found_after", [(["--iters", "8"], 4),
+                                               (["--iters", "8", "--stop-after", "3"], 3)])
+def test_deferred_nan_stops_at_the_next_read_with_last_untouched(
+        data_root, tmp_path, monkeypatch, capsys, extra, found_after):
+    """A NaN loss in iteration 3 with --check-every 5: found at the evaluation boundary after
+    iteration 4 (or by the save of --stop-after 3, which reads first): exit 3, the same
+    iteration and term as the immediate check, last.pt still iteration 2's."""
+    _nan_at(monkeypatch, 3)
+    rc = _segnet(data_root, tmp_path, "--eval-every", "2", "--check-every", "5",
+                 "--log-every", "100", *extra)
+    out = capsys.readouterr().out
+    assert rc == 3
+    assert "non-finite loss at iteration 3 (term 'seg')" in out
+    assert f"found by the check after iteration {found_after}" in out
+    assert runio.load_checkpoint(tmp_path / "last.pt")["iter"] == 2
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["reason"] == "nonfinite" and status["exit_status"] == 3
+
+
 def test_rng_state_roundtrip():
     import random
 

@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
       help="torch.compile the networks (the engine's --compile); the warm-up steps absorb the "
            "compilation")
+    a("--check-every", default="auto", metavar="N|auto",
+      help="the engine's --check-every: 1 reads each finiteness check at once (host syncs), "
+           "N > 1 keeps them on the device (sfc.train.guard); auto: 1 on the CPU, 50 on CUDA")
+    a("--profile-counts", action="store_true",
+      help="also profile one iteration per stage: kernels run, launch calls, host syncs, "
+           "sync ops (torch.profiler)")
+    a("--pipeline-from", nargs="+", default=None, metavar="JSON",
+      help="also extrapolate the pipeline from the fastest step per stage kind found in these "
+           "earlier bench JSONs (and this run's rows); evaluation from the rows that have it")
     a("--foreach-sgd", action="store_true",
       help="replace RepeatedSGD by the proposed multi-tensor version (sfc.bench.fastopt)")
     a("--no-source-prev-forward", dest="source_prev_forward", action="store_false",
@@ -128,6 +137,26 @@ def _pace(res: dict, paths) -> dict[str, float]:
     return fastest
 
 
+def fastest_pipeline(res: dict, paths) -> dict:
+    """The pipeline extrapolated from the fastest measured step per stage kind over this run's
+    rows and those of `paths` (earlier bench JSONs of the same sizes); evaluation per kind from
+    the fastest row that measured it. `configs` says which configuration each kind took."""
+    recs = list(res["stages"])
+    for p in paths:
+        if Path(p).is_file():
+            recs += json.loads(Path(p).read_text()).get("stages", [])
+    step, ev, configs = {}, {}, {}
+    for r in recs:
+        k = r["kind"]
+        if r["step_s"] < step.get(k, float("inf")):
+            step[k], configs[k] = r["step_s"], report.config_label(r)
+        if r.get("eval_s_per_image") is not None:
+            ev[k] = min(ev.get(k, float("inf")), r["eval_s_per_image"])
+    out = measure.pipeline_estimate(step, ev)
+    out["configs"] = configs
+    return out
+
+
 def _write(res: dict, path: str | None) -> None:
     if path is None:
         return
@@ -157,7 +186,7 @@ def main(argv=None) -> int:
                                  precision=precision, layers=tuple(args.layers),
                                  width=args.width, channels_last=args.channels_last,
                                  source_prev_forward=args.source_prev_forward, seed=args.seed,
-                                 **extra)
+                                 check_every=args.check_every, **extra)
 
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
@@ -165,7 +194,8 @@ def main(argv=None) -> int:
             for kind in args.stages:
                 log(f"[bench] {kind} {prec} source {src} target {tgt} ...")
                 rec = run.measure_stage(kind, bc, args.iters, args.warmup, args.eval_images,
-                                        args.flops, ckpt_dir=ckpt_dir, log=log)
+                                        args.flops, ckpt_dir=ckpt_dir, log=log,
+                                        profile=args.profile_counts)
                 log(f"[bench] {kind} {prec}: {rec['step_s'] * 1e3:.1f} ms/step, "
                     f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
                     f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
@@ -190,6 +220,9 @@ def main(argv=None) -> int:
                 res["reference"].append(rec)
                 run.release_memory(args.device)
                 _write(res, args.json)
+    if args.pipeline_from:
+        res["pipeline"]["fastest measured"] = fastest_pipeline(res, args.pipeline_from)
+        _write(res, args.json)
     if args.loaders:
         res["loaders"] = measure_loaders(args.loader_samples, _pace(res, args.steps_from),
                                          args.device, args.loader_data, args.loader_workers,

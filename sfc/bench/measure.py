@@ -131,3 +131,50 @@ def pipeline_estimate(step_s: dict[str, float], eval_s: dict[str, float]) -> dic
             total += train_h + (eval_h or 0.0)
     return {"runs": runs, "total_h": total if complete else None,
             "total_train_h": (sum(r["train_h"] for r in runs) if complete else None)}
+
+
+# aten ops that make the host wait for the GPU (a device → host read): a scalar read (`.item()`,
+# `float()`, `bool()` of a tensor), or an output whose size depends on the data
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
+            "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_consecutive",
+            "aten::unique_dim")
+# CUDA runtime calls that block the host, as the profiler names them
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+              "cudaMemcpy")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaGraphLaunch")
+
+
+def profile_counts(fn, device: torch.device) -> dict:
+    """Counts of one call of `fn` under `torch.profiler`: aten ops, host-sync ops (SYNC_OPS, by
+    name), and on CUDA the kernels run on the GPU, the launch calls and the blocking runtime
+    calls (SYNC_CALLS; `cudaMemcpy` without Async only), less those of profiling an empty call
+    (the measurement's own synchronize). On the CPU the last three are None."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        acts.append(ProfilerActivity.CUDA)
+    def run(f):
+        sync(torch.device(device))
+        with profile(activities=acts) as prof:
+            f()
+            sync(torch.device(device))
+        return prof.events()
+
+    base = run(lambda: None)  # what the measurement itself adds (its final synchronize, ...)
+    ev = run(fn)
+    names = [e.name for e in ev]
+    out = {"aten_ops": sum(n.startswith("aten::") for n in names),
+           "sync_ops": sum(n in SYNC_OPS for n in names),
+           "sync_op_names": sorted({n for n in names if n in SYNC_OPS}),
+           "kernels": None, "launches": None, "host_syncs": None}
+    if cuda:
+        dev_ev = [e for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        out["kernels"] = sum(1 for e in dev_ev if "memcpy" not in e.name.lower()
+                             and "memset" not in e.name.lower())
+        out["launches"] = sum(n in LAUNCH_CALLS for n in names)
+        base_syncs = sum(e.name in SYNC_CALLS for e in base)
+        out["host_syncs"] = max(0, sum(n in SYNC_CALLS for n in names) - base_syncs)
+    return out

@@ -19,8 +19,7 @@ def stage_table(stages: list[dict]) -> str:
     rows = []
     for r in stages:
         mem = r["peak_mem_bytes"] / GIB
-        rows.append([r["kind"], r["precision"] + (" cl" if r.get("channels_last") else "")
-                     + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else ""),
+        rows.append([r["kind"], config_label(r),
                      "{}×{} / {}×{}".format(*r["source_size"], *r["target_size"]),
                      _f(r["step_s"] * 1e3, ".1f"),
                      _f(r.get("opt_s") and r["opt_s"] * 1e3, ".1f")
@@ -28,15 +27,33 @@ def stage_table(stages: list[dict]) -> str:
                      _f(r["flops_per_step"] and r["flops_per_step"] / 1e12, ".3f"),
                      _f(r["tflops_per_s"], ".2f"),
                      f"{mem:.2f} ({'CUDA' if r['peak_mem_kind'].startswith('cuda') else 'RSS'})",
-                     _f(r["eval_s_per_image"] and r["eval_s_per_image"] * 1e3, ".1f")])
+                     _f(r["eval_s_per_image"] and r["eval_s_per_image"] * 1e3, ".1f"),
+                     counts_cell(r.get("counts"))])
     return _table(["stage", "precision", "source / target (W×H)", "step ms (median)",
                    "of which optimiser ms", "TFLOP/step", "TFLOP/s", "peak mem GiB",
-                   "eval ms/image"], rows)
+                   "eval ms/image", "kernels / launches / host syncs (sync ops)"], rows)
+
+
+def config_label(r: dict) -> str:
+    """precision, memory format, compile mode and check interval of one bench row."""
+    return (r["precision"] + (" cl" if r.get("channels_last") else "")
+            + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
+            + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else ""))
+
+
+def counts_cell(c: dict | None) -> str:
+    if not c:
+        return "—"
+    return (f"{_f(c.get('kernels'), 'd')} / {_f(c.get('launches'), 'd')} / "
+            f"{_f(c.get('host_syncs'), 'd')} ({c['sync_ops']})")
 
 
 def pipeline_table(pipelines: dict) -> str:
     out = []
     for prec, p in pipelines.items():
+        if p.get("configs"):
+            prec += " (per stage kind: " + ", ".join(f"{k} {v}" for k, v in
+                                                     p["configs"].items()) + ")"
         rows = [[r["run"], r["kind"], f"{r['iters']:,}", _f(r["train_h"], ".2f"),
                  f"{r['evals']}×{r['val_images']}", _f(r["eval_h"], ".2f")] for r in p["runs"]]
         rows.append(["**total**", "", "", _f(p["total_train_h"], ".2f"), "",

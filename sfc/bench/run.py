@@ -15,9 +15,11 @@ REF_RTOL = 1e-4  # loss equality of project vs release-style reference, float32
 
 
 def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
-                  eval_images: int = 2, flops: bool = True, ckpt_dir=None, log=print) -> dict:
+                  eval_images: int = 2, flops: bool = True, ckpt_dir=None, log=print,
+                  profile: bool = False) -> dict:
     """Median training-iteration time, peak memory, FLOP/step and TFLOP/s, and the per-image
-    validation time of one stage kind."""
+    validation time of one stage kind; with `profile` the profiler's counts of one iteration
+    (kernels, launches, host syncs: `measure.profile_counts`)."""
     dev = torch.device(bc.device)
     stage = steps.build(kind, bc, ckpt_dir=ckpt_dir)
     src, tgt = steps.make_batches(kind, bc, seed=bc.seed)
@@ -28,23 +30,29 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
         state["i"] += 1
 
     n_flops = measure.count_flops(step) if flops else None  # also serves as a warm-up step
+    # the warm-up outside the memory block: cuDNN's algorithm search (--cudnn-benchmark) tries
+    # workspaces up to the free memory in the first steps (137 GiB seen on an H200)
+    measure.time_calls(step, 0, warmup, dev)
     with measure.memory_block(dev) as mem:
-        times = measure.time_calls(step, iters, warmup, dev)
+        times = measure.time_calls(step, iters, 0, dev)
     s = measure.median(times)
     state["phases"] = {}  # the optimiser step's share, timed apart (not in step_s)
     measure.time_calls(step, min(iters, 2), 0, dev)
     opt_s = measure.median(state["phases"]["opt_s"])
+    state["phases"] = None
+    counts = measure.profile_counts(step, dev) if profile else None
     eval_s = measure_eval(stage, kind, bc, eval_images) if eval_images > 0 else None
     rec = {"kind": kind, "precision": bc.precision, "channels_last": bc.channels_last,
            "source_size": list(bc.source_size), "target_size": list(bc.target_size),
            "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
-           "compile": bc.compile,
+           "compile": bc.compile, "check_every": stage.guard.every,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
            "tflops_per_s": (n_flops / s / 1e12 if n_flops and s > 0 else None),
            "peak_mem_bytes": int(mem.peak),
            "peak_mem_kind": "cuda_max_allocated" if dev.type == "cuda" else "rss_sampled",
-           "eval_s_per_image": eval_s, "loss_terms": state["terms"]}
+           "eval_s_per_image": eval_s, "counts": counts,
+           "loss_terms": {k: float(v) for k, v in state["terms"].items()}}
     return rec
 
 
@@ -96,6 +104,7 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
             t0 = time.perf_counter()
             terms = (ref.step(src, tgt, i) if who == "ref"
                      else steps.train_iteration(stage, src, tgt, i))
+            terms = {k: float(v) for k, v in terms.items()}  # deferred checks: device tensors
             measure.sync(dev)
             t = time.perf_counter() - t0
         return terms, t, (mem.peak - base if dev.type == "cuda" else None)

@@ -3,7 +3,9 @@
 Each bench stage is a `sfc.train.stages` object made by `build_stage` from a config that
 `sfc.train`'s own parser resolves (the flags the `exp/` scripts pass), so the benchmark times
 exactly `Stage.train_step` plus the optimiser step as `sfc.train.engine` runs them:
-    train_mode → set LR → zero_grad(set_to_none) → train_step(src, tgt) → optimizer.step().
+    train_mode → set LR → zero_grad(set_to_none) → train_step(src, tgt) → optimizer_step(i)
+(the step with its parameter check; `--check-every` decides whether the checks are read at once
+or stay on the device, sfc.train.guard).
 Inputs that the real stages read from earlier runs (stage-one SegNets, the stage-two FlowNet,
 the SFM) are random-init networks written to a temporary folder in the release's file formats.
 Batches are synthetic tensors of the dataset items' shapes (method §2), already on the device.
@@ -51,6 +53,7 @@ class BenchConfig:
     foreach_sgd: bool = False  # proposed multi-tensor RepeatedSGD (sfc.bench.fastopt)
     compile: str = "none"  # the engine's --compile (torch.compile of the networks)
     source_prev_forward: bool = True  # SFC stage one's unused source forward (quirk 7)
+    check_every: str = "auto"  # the engine's --check-every (finiteness checks, sfc.train.guard)
     seed: int = 0
 
 
@@ -61,7 +64,7 @@ def train_args(kind: str, bc: BenchConfig, ckpt_dir: Path) -> list[str]:
          "--source-size", *map(str, bc.source_size), "--target-size", *map(str, bc.target_size),
          "--layers", *map(str, bc.layers), "--width", str(bc.width),
          "--amp", "bf16" if bc.precision == "bf16" else "none", "--seed", str(bc.seed),
-         "--num-workers", "0"]
+         "--num-workers", "0", "--check-every", str(bc.check_every)]
     if bc.channels_last:
         a.append("--channels-last")
     if stage == "segnet":
@@ -175,13 +178,13 @@ def train_iteration(stage, src: dict, tgt: dict | None, i: int = 0,
     stage.optimizer.zero_grad(set_to_none=True)
     terms = stage.train_step(src, tgt)
     if phases is None:
-        stage.optimizer.step()
+        stage.optimizer_step(i)  # with the parameter check, as the engine
         return terms
     dev = stage.device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    stage.optimizer.step()
+    stage.optimizer_step(i)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     phases.setdefault("opt_s", []).append(time.perf_counter() - t0)

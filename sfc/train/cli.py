@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
       default="none",
       help="torch.compile the networks (none: eager, the reference; see docs/benchmark.md); "
            "the state-dict keys and checkpoints are unchanged")
+    a("--check-every", default="auto", metavar="N|auto",
+      help="finiteness checks (sfc.train.guard): 1 reads each check at once (a host sync per "
+           "loss, flow and parameter check); N > 1 keeps flags on the device, discards a bad "
+           "iteration's update there and reads them every N iterations and before every "
+           "evaluation and save (exit 3, last.pt untouched, as with 1); auto: 1 on the CPU, "
+           "50 on CUDA")
     a("--tf32", choices=["on", "off"], default=None,
       help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
            "matmuls off); the log and config.json record what was used")
@@ -155,6 +161,14 @@ def validate(args: argparse.Namespace) -> None:
     flags.check_size(args, "source_size")
     flags.check_size(args, "target_size")
     flags.check_device(args.device)
+    if args.check_every != "auto":
+        try:
+            ok = int(args.check_every) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise flags.FlagError(f"--check-every {args.check_every}: expected a number >= 1 "
+                                  "or auto")
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:

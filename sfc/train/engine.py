@@ -14,11 +14,13 @@ aside, `metrics.jsonl` and TensorBoard cut back to the resumed iteration.
 
 Stops: SIGINT, SIGTERM or SIGUSR1 (to the process or its whole group: loader workers ignore
 them) save `last.pt` and exit 128 + signal; a non-finite loss, flow or parameter exits 3 with
-`last.pt` untouched; a data error (also inside a loader worker) saves `last.pt`, is logged and
-exits 2 with the one-line `DatasetError`; a checkpoint that cannot be written (a full disk)
-exits 4 with the previous `last.pt` / `best.pt` intact; a dead peer process exits 5 (rank 0
-saves the state of the last iteration boundary). Every stop writes `status.json` (reason,
-iteration, exit status, rank it came from, resumable).
+`last.pt` untouched (checked every iteration; read at once or every N iterations, with the bad
+update discarded on the device: `--check-every`, `sfc.train.guard`); a data error (also inside
+a loader worker) saves `last.pt`, is logged and exits 2 with the one-line `DatasetError`; a
+checkpoint that cannot be written (a full disk) exits 4 with the previous `last.pt` /
+`best.pt` intact; a dead peer process exits 5 (rank 0 saves the state of the last iteration
+boundary). Every stop writes `status.json` (reason, iteration, exit status, rank it came
+from, resumable).
 
 Several processes (torchrun): every stop is agreed before anyone acts — each rank's reasons
 (signal, data error, failed write, --stop-after) are gathered once per iteration, after the
@@ -53,8 +55,9 @@ from torch.utils.data import DataLoader, Subset
 from sfc import dist, flags
 from sfc.data.io import DatasetError
 from sfc.train import runio, tb_pictures
+from sfc.train.guard import NonFiniteLoss
 from sfc.train.progress import make_progress
-from sfc.train.stages import NonFiniteLoss, build_stage
+from sfc.train.stages import build_stage
 from sfc.train.streams import (
     JOB_SIGNALS,
     SignalSafeLoader,
@@ -124,16 +127,6 @@ def _per_class(result: dict, class_names) -> dict[str, float] | None:
     if "per_class" not in result:
         return None
     return {n: float(v) for n, v in zip(class_names, result["per_class"])}
-
-
-def _nonfinite_parameter(named_params) -> str | None:
-    """The name of the first trainable parameter holding a NaN/Inf, or None (one sync)."""
-    names, params = zip(*named_params) if named_params else ((), ())
-    if not params:
-        return None
-    norms = torch.stack([n.float() for n in torch._foreach_norm(list(params))])
-    bad = (~torch.isfinite(norms)).nonzero()
-    return names[int(bad[0])] if bad.numel() else None
 
 
 class Trainer:
@@ -440,6 +433,19 @@ class Trainer:
         if firsts[3] is not None:
             raise _Stop("stop_after", firsts[3])
 
+    def _read_guard(self, collective: bool = True) -> None:
+        """Deferred finiteness checks (sfc.train.guard): read the device flags (one sync; with
+        `collective`, every rank at the same point) and stop on the first bad iteration."""
+        found = self.stage.guard.read(collective)
+        if found is None:
+            return
+        it, what, term, rank = found
+        on = f" on rank {rank}" if self.info.world_size > 1 else ""
+        raise _Stop("nonfinite", rank, save=False, message=(
+            f"non-finite {what} at iteration {it}{on} (term {term!r}), found by the check "
+            f"after iteration {self.iter} (--check-every {self.stage.guard.every}); the "
+            f"updates of iterations {it}-{self.iter} were discarded"))
+
     def _snapshot(self) -> None:
         """Several processes: remember this boundary's RNG state and buffers, so that a peer's
         death in the middle of the next step still leaves rank 0 a consistent state to save."""
@@ -484,11 +490,14 @@ class Trainer:
             self.log.info(f"stage {cfg.stage} -> {self.run_dir} ({cfg.iters} iterations, "
                           f"{self.info.world_size} process(es), device {self.device})")
         self.log.info(f"precision: {precision_line(cfg, self.device)}")
+        g = stage.guard
+        self.log.info("finiteness checks: " + (
+            f"flags on the device, read every {g.every} iterations and before every "
+            "evaluation and save (a bad iteration's update is discarded)" if g.deferred
+            else "read at once (before each backward, after each step)"))
         for note in getattr(self.data, "notes", ()):
             self.log.info(note)
-        params = stage.trainable_parameters()
-        names = {id(p): n for net in stage.nets.values() for n, p in net.named_parameters()}
-        named = [(names.get(id(p), "?"), p) for p in params]
+        guard = stage.guard
         self.bar = make_progress(self.progress, total=cfg.iters, initial=self.iter,
                                  desc=cfg.stage, enabled=self.main,
                                  every=getattr(cfg, "progress_every", 30.0))
@@ -509,28 +518,35 @@ class Trainer:
             try:
                 terms = stage.train_step(*batch)
             except NonFiniteLoss as e:
+                self._read_guard()  # an earlier bad iteration (deferred checks) comes first
                 on = f" on rank {e.rank}" if self.info.world_size > 1 else ""
                 raise _Stop("nonfinite", e.rank, save=False, message=(
                     f"non-finite {e.what} at iteration {i + 1}{on} (term {e.term!r}"
                     + (f" = {e.value}" if e.rank == self.info.rank else "")
                     + "), before its backward")) from None
-            stage.optimizer.step()
-            bad = _nonfinite_parameter(named)
+            bad = stage.optimizer_step(i)  # checks read at once: the bad parameter's name
             if bad is not None:
                 raise _Stop("nonfinite", 0, save=False, message=(
                     f"non-finite parameter {bad!r} after the step of iteration {i + 1} "
                     "(term 'parameters')"))
             self.iter = i + 1
             self._phase = "boundary"
-            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()},
-                                  "lr": f"{lr:.2e}"}, refresh=False)
+            logging = self.iter % cfg.log_every == 0 or self.iter == 1
+            boundary = self.iter % cfg.eval_every == 0 or self.iter == cfg.iters
+            fresh = not guard.deferred
+            if guard.deferred and (logging or boundary or self.iter % guard.every == 0):
+                self._read_guard()  # deferred checks: read (one sync) before anything is kept
+                terms, fresh = {k: float(v) for k, v in terms.items()}, True
+            if fresh:
+                self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()},
+                                      "lr": f"{lr:.2e}"}, refresh=False)
             self.bar.update(1)
-            if self.main and (self.iter % cfg.log_every == 0 or self.iter == 1):
+            if self.main and logging:
                 self.log.metrics({"split": "train", "iter": self.iter, "lr": lr, **terms,
                                   "sec": round(time.time() - t0, 2)})
                 self.log.scalars({**{f"train/loss_{k}": v for k, v in terms.items()},
                                   "train/lr": lr}, self.iter)
-            if self.iter % cfg.eval_every == 0 or self.iter == cfg.iters:
+            if boundary:
                 self._evaluate_or_stop()
                 self.save_last()
             batch, err = self._fetch() if self.iter < cfg.iters else (None, None)
@@ -557,6 +573,11 @@ class Trainer:
         if bar is not None:
             bar.close()
         self._restore_streams()
+        if st.save:
+            try:
+                self._read_guard()  # nothing is saved past an unread bad iteration
+            except _Stop as bad:
+                st = bad
         saved = self.save_last() if st.save else False
         if st.save and self.main and not saved:  # the save itself failed: a write failure
             st = _Stop("write_failed", 0, self.write_failure or "", save=False)
@@ -608,7 +629,11 @@ class Trainer:
         if during:
             self._at_boundary()
         self._restore_streams()
-        saved = self.save_last()
+        try:  # this process's own deferred checks (no collective: a peer is gone)
+            clean = self.stage.guard.read(collective=False) is None
+        except Exception:
+            clean = False
+        saved = self.save_last() if clean else False
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]
         sig = getattr(getattr(self, "sig", None), "signum", 0)

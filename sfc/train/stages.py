@@ -26,38 +26,16 @@ from sfc import checkpoints, dist, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
 from sfc.train import inputs, optim
+from sfc.train.guard import FiniteGuard, NonFiniteLoss, resolve_every
 
 CHAIRS_EXPORT = "flownet_flyingchairs_pretrained.pth"  # the flownet stage's export
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN/Inf found before a backward pass: `what` is "loss" or "flow", `term` its name,
-    `rank` the first process that found it (every process raises it together)."""
-
-    def __init__(self, term: str, value: float, what: str = "loss", rank: int = 0):
-        super().__init__(f"non-finite {what} term {term!r} = {value}")
-        self.term, self.value, self.what, self.rank = term, value, what, rank
-
-
-def _bad_rank(bad: torch.Tensor) -> int | None:
-    """The first process on which `bad` (a bool tensor) holds, or None: all ranks stop
-    together (none is left waiting in a collective of the backward pass)."""
-    rows = dist.gather_rows([int(bool(bad))])
-    return next((r for r, (flag,) in enumerate(rows) if flag), None)
-
-
-def _checked(term: str, loss: torch.Tensor) -> torch.Tensor:
-    rank = _bad_rank(~torch.isfinite(loss.detach()).all())
-    if rank is not None:
-        raise NonFiniteLoss(term, float(loss.detach().float().item()), rank=rank)
-    return loss
-
-
 class _FlowWatch:
-    """Records whether a FlowNet's outputs were finite (forward hook, no sync); `check`
-    raises before the backward pass. Needed because `grid_sample` with border padding returns
-    finite values for NaN coordinates on the CPU (a PyTorch bug), so a diverged flow passes
-    the loss check and crashes the backward (segmentation fault)."""
+    """Records whether a FlowNet's outputs were finite (forward hook, no sync); `check` hands
+    the flags to the guard before the backward pass. Needed because `grid_sample` with border
+    padding returns finite values for NaN coordinates on the CPU (a PyTorch bug), so a diverged
+    flow passes the loss check and crashes the backward (segmentation fault)."""
 
     def __init__(self, module: nn.Module, term: str):
         self.term, self.flags = term, []
@@ -67,11 +45,9 @@ class _FlowWatch:
         if torch.is_grad_enabled():
             self.flags.append(~torch.isfinite(out.detach()).all())
 
-    def check(self) -> None:
+    def check(self, guard: FiniteGuard) -> None:
         flags, self.flags = self.flags, []
-        rank = _bad_rank(torch.stack(flags).any()) if flags else None
-        if rank is not None:
-            raise NonFiniteLoss(self.term, float("nan"), what="flow", rank=rank)
+        guard.flow(self.term, flags)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -96,6 +72,9 @@ class Stage:
         self.sfc = cfg.sfc_weight > 0
         # the control run: the SFC stage's target forwards without its loss (issue 12)
         self.bn_control = bool(getattr(cfg, "bn_control", False)) and self.sfc
+        # the finiteness checks (sfc.train.guard): read at once, or flags on the device
+        self.guard = FiniteGuard(device, resolve_every(getattr(cfg, "check_every", "auto"),
+                                                       device))
 
     # -- shared helpers -----------------------------------------------------------------
     def autocast(self):
@@ -149,7 +128,9 @@ class Stage:
             return
         if mode not in self.COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {self.COMPILE_MODES}, got {mode!r}")
-        kw = {} if mode == "default" else {"mode": mode}
+        # dynamic=False: one static graph per input size (source and target sizes are fixed;
+        # a dynamic-shape graph after the second size would give slower generic kernels)
+        kw = {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
         for net in self.nets.values():
             net.compile(**kw)
 
@@ -209,6 +190,23 @@ class Stage:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trained tensor, once each, in the optimiser's order."""
+        if getattr(self, "_named", None) is None:
+            names = {id(p): n for net in self.nets.values() for n, p in net.named_parameters()}
+            seen, self._named = set(), []
+            for p in self.trainable_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self._named.append((names.get(id(p), "?"), p))
+        return self._named
+
+    def optimizer_step(self, i: int) -> str | None:
+        """The optimiser step of 0-based iteration `i` with the parameter check
+        (`FiniteGuard.step`): the name of a non-finite parameter (checks read at once), or
+        None."""
+        return self.guard.step(self.optimizer, self.named_trainable_parameters(), i)
+
     def set_iteration_lr(self, i: int) -> float:
         lr = self.lr_at(i)
         optim.set_lr(self.optimizer, lr)
@@ -266,9 +264,9 @@ class SegNetStage(Stage):
                 self.nets["segnet"].features(seg[:, :, -2])
         with self.no_sync("segnet", more_backward=self.sfc and not self.bn_control):
             with self.autocast():
-                l_seg = _checked("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
+                l_seg = self.guard.loss("seg", losses.seg_loss(net(seg[:, :, -1]), src["label"]))
             l_seg.backward()
-        out["seg"] = float(l_seg.detach())
+        out["seg"] = self.guard.term(l_seg)
         if self.bn_control:
             # the SFC loss's two target forwards (t-1, then t), train mode, through the backbone
             # only (it holds every BN, as in quirk 7): the same BatchNorm updates; no loss
@@ -280,11 +278,11 @@ class SegNetStage(Stage):
             with self.sfc_autocast():
                 lp = net(t_seg[:, :, -2])
                 lc = net(t_seg[:, :, -1])
-                l_sfc = _checked("sfc", losses.sfc_loss(
+                l_sfc = self.guard.loss("sfc", losses.sfc_loss(
                     lp, lc, t_flow[:, :, -2], t_flow[:, :, -1], self.nets["flownet_global"],
                     self.nets["sfm"], scale=self.cfg.scale))
             (self.cfg.sfc_weight * l_sfc).backward()
-            out["sfc"] = float(l_sfc.detach())
+            out["sfc"] = self.guard.term(l_sfc)
         return out
 
     def validate(self, loader, progress=True) -> dict:
@@ -344,10 +342,10 @@ class AccelStage(Stage):
         with self.no_sync("accel", more_backward=self.sfc and not self.bn_control):
             with self.autocast():
                 logits = accel(src["seg"][:, :, -2:], src["flow"][:, :, -2:])  # (B, C, H, W)
-                l_seg = _checked("seg", losses.seg_loss(logits, src["label"]))
-            self.flow_watch.check()
+                self.flow_watch.check(self.guard)  # a bad flow is named before the loss it makes
+                l_seg = self.guard.loss("seg", losses.seg_loss(logits, src["label"]))
             l_seg.backward()
-        out = {"seg": float(l_seg.detach())}
+        out = {"seg": self.guard.term(l_seg)}
         if self.sfc:
             s, f = tgt["seg"], tgt["flow"]  # (B, 3, 3, H, W): frames t-2, t-1, t
             if s.shape[2] != 3:
@@ -359,12 +357,13 @@ class AccelStage(Stage):
                 accel(s[:, :, :2], f[:, :, :2])
         elif self.sfc:
             with self.sfc_autocast():
-                l_sfc = _checked("sfc", losses.accel_sfc_loss(
+                l_sfc = losses.accel_sfc_loss(
                     s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,
-                    self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale))
-            self.flow_watch.check()
+                    self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale)
+            self.flow_watch.check(self.guard)
+            l_sfc = self.guard.loss("sfc", l_sfc)
             (self.cfg.sfc_weight * l_sfc).backward()
-            out["sfc"] = float(l_sfc.detach())
+            out["sfc"] = self.guard.term(l_sfc)
         return out
 
     def validate(self, loader, progress=True) -> dict:
@@ -405,11 +404,12 @@ class SFMStage(Stage):
     def train_step(self, src: dict, tgt: dict | None) -> dict[str, float]:
         f = src["flow"]  # (B, 3, T, H, W), flow-normalised
         with self.autocast():
-            loss = _checked("sfm", losses.sfm_loss(
+            loss = self.guard.loss("sfm", losses.sfm_loss(
                 f[:, :, -2], f[:, :, -1], src["label_prev"], src["label"],
-                self.nets["flownet_global"], self.model("sfm"), gt_down4x=src["label_down4x"]))
+                self.nets["flownet_global"], self.model("sfm"), gt_down4x=src["label_down4x"],
+                num_classes=self.cfg.num_classes))
         loss.backward()
-        return {"sfm": float(loss.detach())}
+        return {"sfm": self.guard.term(loss)}
 
     def validate(self, loader, progress=True) -> dict:
         return evaluate_sfm(self.nets["sfm"], self.nets["flownet_global"], loader,
@@ -451,9 +451,9 @@ class FlowNetStage(Stage):
         x = torch.cat((src["img1"], src["img2"]), 1)  # (B, 6, H, W): flow of img1 into img2
         with self.autocast():
             pyr = self.model("flownet")(x, pyramid=True)  # flow2 … flow6, px / 20
-            loss = _checked("flow", losses.multiscale_epe(pyr, src["flow_gt"]))
+            loss = self.guard.loss("flow", losses.multiscale_epe(pyr, src["flow_gt"]))
         loss.backward()
-        return {"flow": float(loss.detach())}
+        return {"flow": self.guard.term(loss)}
 
     def export(self, run_dir) -> list[tuple[str, str]]:
         """The best FlowNetS as a bare state dict in the release's key layout (the file
