@@ -50,6 +50,14 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
     rb = json.loads((b / "result.json").read_text())
     assert ra == rb
     assert ra["stage"] == "segnet" and ra["monitor"] == "miou" and ra["last"]["iter"] == 4
+    # deferred finiteness checks (flags on the device, a discarded-update selection every
+    # step): the same parameters, BN statistics and results as reading every check at once
+    c = tmp_path / "c"
+    assert _segnet(data_root, c, *common, "--check-every", "3", "--log-every", "100") == 0
+    mc = _models(c / "last.pt")
+    assert all(torch.equal(v, mc["segnet"][k]) for k, v in ma["segnet"].items())
+    assert json.loads((c / "result.json").read_text()) == ra
+    assert "read every 3 iterations" in (c / "log.txt").read_text()
     assert 0.0 <= ra["last"]["value"] <= 1.0 and len(ra["per_class_last"]) == 15
     log = (b / "log.txt").read_text()
     assert "resumed from" in log and "at iteration 2" in log
@@ -158,19 +166,6 @@ def _nan_at(monkeypatch, iteration):
         return out
 
     monkeypatch.setattr(losses, "seg_loss", flaky)
-
-
-def test_deferred_checks_train_the_same_run(data_root, tmp_path):
-    """--check-every 3 (flags on the device, a discarded-update selection every step) gives
-    the same parameters, BN statistics and results as reading every check at once."""
-    common = ["--iters", "4", "--eval-every", "2", "--seed", "5", "--log-every", "100"]
-    assert _segnet(data_root, tmp_path / "a", *common, "--check-every", "1") == 0
-    assert _segnet(data_root, tmp_path / "b", *common, "--check-every", "3") == 0
-    ma, mb = _models(tmp_path / "a" / "last.pt"), _models(tmp_path / "b" / "last.pt")
-    assert all(torch.equal(v, mb["segnet"][k]) for k, v in ma["segnet"].items())
-    ra = json.loads((tmp_path / "a" / "result.json").read_text())
-    assert ra == json.loads((tmp_path / "b" / "result.json").read_text())
-    assert "read every 3 iterations" in (tmp_path / "b" / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("extra,found_after", [(["--iters", "8"], 4),

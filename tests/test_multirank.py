@@ -123,7 +123,8 @@ def test_corrupt_frame_read_by_rank_one_only(tiny_data, tmp_path):
 def test_signal_to_rank_one_only_and_the_stage_script_status(tiny_data, tmp_path):
     """SIGUSR1 to rank 1 only (as `scancel --signal` to one task): every rank stops at the
     same iteration, rank 0 logs SIGUSR1 from rank 1 and saves last.pt; the stage script under
-    torchrun exits 138 (torchrun itself exits 1); the same command resumes."""
+    torchrun exits 138 (torchrun itself exits 1); the same command resumes (with deferred
+    finiteness checks, read by both ranks before the save)."""
     out = tmp_path / "SFC" / "run"
     script_env = _env(LAUNCH=" ".join(TORCHRUN), SFC_DATA=str(tiny_data),
                       SFC_OUT=str(tmp_path / "out"), PYTHON=sys.executable)
@@ -143,7 +144,10 @@ def test_signal_to_rank_one_only_and_the_stage_script_status(tiny_data, tmp_path
     assert f"stopped at iteration {st['iteration']} (SIGUSR1 (from rank 1))" in log
     assert "--stop-after" not in log
     assert _last_iter(out) == st["iteration"] > 0
-    again = subprocess.run([*cmd, "--stop-after", str(st["iteration"] + 2)], cwd=REPO,
+    # resumed with deferred finiteness checks: both ranks read them (one collective) before the
+    # save of --stop-after
+    again = subprocess.run([*cmd, "--stop-after", str(st["iteration"] + 2), "--check-every",
+                            "5", "--log-every", "1000"], cwd=REPO,
                            env=script_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _status(out)["reason"] == "stop_after" and _last_iter(out) == st["iteration"] + 2

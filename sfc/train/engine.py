@@ -24,12 +24,12 @@ from, resumable).
 
 Several processes (torchrun): every stop is agreed before anyone acts — each rank's reasons
 (signal, data error, failed write, --stop-after) are gathered once per iteration, after the
-next batch is read and before the next step; divergence checks reduce before the backward;
-evaluation loops agree on data errors before their final all-reduce. So all ranks stop at the
-same iteration with the same exit status, rank 0 saving and logging why and on which rank.
-After a resume every rank must hold the same iteration and data position (else exit 2). Each
-draws its own shard of every epoch; the trained networks are wrapped in
-`DistributedDataParallel` after the resume (rank 0's parameters and buffers are broadcast
+next batch is read and before the next step; divergence checks reduce before the backward
+(deferred ones at each read); evaluation loops agree on data errors before their final
+all-reduce. So all ranks stop at the same iteration with the same exit status, rank 0 saving
+and logging why and on which rank. After a resume every rank must hold the same iteration and
+data position (else exit 2). Each draws its own shard of every epoch; the trained networks are
+wrapped in `DistributedDataParallel` after the resume (rank 0's parameters and buffers are broadcast
 once; no buffer sync in the forward), the source backward runs under `no_sync()`
 when the SFC loss follows (its two forwards, then one backward, reduce the summed gradient
 once), frozen networks take no part. BatchNorm running statistics are per rank during training;
