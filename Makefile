@@ -5,9 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# --no-compile: no byte-compiling of all of torch at install (18 s of the 2-core machines);
-# Python compiles what is imported on first use and caches it in the venv
-PIP    := $(PY) -m pip install -q --disable-pip-version-check --no-compile
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.sfc-installed
 DEV    := $(VENV)/.sfc-dev-installed
 FLOW   := $(VENV)/.sfc-flow-installed
