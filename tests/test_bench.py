@@ -207,3 +207,58 @@ def test_foreach_repeated_sgd_is_bit_exact_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_foreach_repeated_sgd_is_bit_exact_cuda():
     check_exact("cuda")
+
+
+def test_kernel_kinds_and_the_gpu_time_table():
+    """Real kernel names of an H200 profile, by hand, and the table of a profiled row."""
+    from sfc.bench.measure import kernel_kind
+    from sfc.bench.report import gpu_time_table
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nchw_tilesize128x128x32": "conv",
+        "cutlass__5x_cudnn::Kernel<cutlass_tensorop_s1688wgrad_optimized_tf32>": "conv",
+        "void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1>": "batchnorm",
+        "void at::native::batch_norm_backward_reduce_channels_last_kernel<4, c10::BFloat16>":
+            "batchnorm",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<float, float, float, false>": "layout",
+        "sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize64x64x32": "gemm",
+        "void at::native::(anonymous namespace)::grid_sampler_2d_kernel<float, int>":
+            "grid_sample",
+        "triton_poi_fused_add_relu_0": "fused",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reduction",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
+            "elementwise",
+        "Memcpy HtoD (Pageable -> Device)": "copy",
+        "void at::native::upsample_bilinear2d_out_frame<float, float>": "other",
+    }
+    assert {n: kernel_kind(n) for n in names} == names
+    row = {"kind": "segnet", "precision": "fp32", "check_every": 50,
+           "counts": {"wall_ms": 50.0, "gpu_ms": 40.0,
+                      "gpu_ms_by_kind": {"conv": 30.0, "batchnorm": 10.0}}}
+    table = gpu_time_table([row, {"kind": "sfm", "precision": "fp32", "counts": None}])
+    assert "| segnet | fp32 checks/50 | 50.0 | 40.0 (80 %) | 30.0 | 10.0 |" in table
+    assert "sfm" not in table and gpu_time_table([]) == ""
+
+
+def test_pipeline_from_the_fastest_row_of_several_runs(tmp_path):
+    """`--pipeline-from`: per stage kind the fastest step of all files (its configuration
+    named), evaluation from the fastest row that measured it; hours by hand."""
+    from sfc.bench.cli import fastest_pipeline
+    from sfc.bench.measure import PIPELINE
+
+    def row(kind, step, ev, prec="fp32", **kw):
+        return {"kind": kind, "step_s": step, "eval_s_per_image": ev, "precision": prec, **kw}
+
+    a = [row(k, 0.2, 0.05) for k in steps.KINDS]
+    b = [row("segnet_sfc", 0.1, None, "bf16", compile="default"), row("sfm", 0.3, 0.01)]
+    (tmp_path / "a.json").write_text(json.dumps({"stages": a}))
+    (tmp_path / "b.json").write_text(json.dumps({"stages": b}))
+    out = fastest_pipeline({"stages": []}, [tmp_path / "a.json", tmp_path / "b.json",
+                                            tmp_path / "missing.json"])
+    assert out["configs"]["segnet_sfc"] == "bf16 compile=default"
+    assert out["configs"]["sfm"] == "fp32"
+    step = {k: 0.2 for k in steps.KINDS} | {"segnet_sfc": 0.1}
+    ev = {k: 0.05 for k in steps.KINDS} | {"sfm": 0.01}
+    want = sum(step[kind] * iters / 3600 + ev[kind] * -(-iters // every) * n / 3600
+               for _, kind, iters, every, n in PIPELINE)
+    assert out["total_h"] == pytest.approx(want, rel=1e-12)

@@ -145,22 +145,51 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cu
                 "cudaGraphLaunch")
 
 
+# GPU time by kernel kind (profiler kernel names; first match wins)
+KERNEL_KINDS = (
+    ("copy", ("memcpy", "memset")),
+    ("batchnorm", ("bn_fw", "bn_bw", "batch_norm", "batchnorm")),
+    ("layout", ("nchwtonhwc", "nhwctonchw")),
+    ("conv", ("fprop", "dgrad", "wgrad", "conv", "winograd")),
+    ("gemm", ("gemm", "cutlass", "cublas")),
+    ("grid_sample", ("grid_sampler",)),
+    ("fused", ("triton_",)),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel from its name (KERNEL_KINDS), else "other"."""
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
 def profile_counts(fn, device: torch.device) -> dict:
     """Counts of one call of `fn` under `torch.profiler`: aten ops, host-sync ops (SYNC_OPS, by
     name), and on CUDA the kernels run on the GPU, the launch calls and the blocking runtime
     calls (SYNC_CALLS; `cudaMemcpy` without Async only), less those of profiling an empty call
-    (the measurement's own synchronize). On the CPU the last three are None."""
+    (the measurement's own synchronize). On CUDA also the wall time of the profiled call, the
+    sum of its kernels' times and that sum by kernel kind (`kernel_kind`), in ms: how much of
+    the iteration the GPU computes, and what. On the CPU the CUDA entries are None."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU]
     cuda = torch.device(device).type == "cuda"
     if cuda:
         acts.append(ProfilerActivity.CUDA)
+    wall = {}
+
     def run(f):
         sync(torch.device(device))
         with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
             f()
             sync(torch.device(device))
+            wall["s"] = time.perf_counter() - t0
         return prof.events()
 
     base = run(lambda: None)  # what the measurement itself adds (its final synchronize, ...)
@@ -169,7 +198,8 @@ def profile_counts(fn, device: torch.device) -> dict:
     out = {"aten_ops": sum(n.startswith("aten::") for n in names),
            "sync_ops": sum(n in SYNC_OPS for n in names),
            "sync_op_names": sorted({n for n in names if n in SYNC_OPS}),
-           "kernels": None, "launches": None, "host_syncs": None}
+           "kernels": None, "launches": None, "host_syncs": None, "wall_ms": None,
+           "gpu_ms": None, "gpu_ms_by_kind": None}
     if cuda:
         dev_ev = [e for e in ev if str(getattr(e, "device_type", "")).endswith("CUDA")]
         out["kernels"] = sum(1 for e in dev_ev if "memcpy" not in e.name.lower()
@@ -177,4 +207,11 @@ def profile_counts(fn, device: torch.device) -> dict:
         out["launches"] = sum(n in LAUNCH_CALLS for n in names)
         base_syncs = sum(e.name in SYNC_CALLS for e in base)
         out["host_syncs"] = max(0, sum(n in SYNC_CALLS for n in names) - base_syncs)
+        by_kind: dict[str, float] = {}
+        for e in dev_ev:
+            k = kernel_kind(e.name)
+            by_kind[k] = by_kind.get(k, 0.0) + e.time_range.elapsed_us() / 1e3
+        out["wall_ms"] = wall["s"] * 1e3  # profiled: a little slower than the timed iterations
+        out["gpu_ms"] = sum(by_kind.values())
+        out["gpu_ms_by_kind"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
     return out

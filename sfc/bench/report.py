@@ -48,6 +48,28 @@ def counts_cell(c: dict | None) -> str:
             f"{_f(c.get('host_syncs'), 'd')} ({c['sync_ops']})")
 
 
+def gpu_time_table(stages: list[dict]) -> str:
+    """Where one profiled iteration's GPU time goes (rows whose counts have it)."""
+    rows, kinds = [], []
+    for r in stages:
+        c = r.get("counts") or {}
+        for k in c.get("gpu_ms_by_kind") or {}:
+            if k not in kinds:
+                kinds.append(k)
+    for r in stages:
+        c = r.get("counts") or {}
+        if not c.get("gpu_ms_by_kind"):
+            continue
+        by = c["gpu_ms_by_kind"]
+        rows.append([r["kind"], config_label(r), f"{c['wall_ms']:.1f}",
+                     f"{c['gpu_ms']:.1f} ({100 * c['gpu_ms'] / c['wall_ms']:.0f} %)"]
+                    + [_f(by.get(k), ".1f") for k in kinds])
+    if not rows:
+        return ""
+    return _table(["stage", "precision", "profiled iteration ms", "kernels' sum ms (of it)"]
+                  + [f"{k} ms" for k in kinds], rows)
+
+
 def pipeline_table(pipelines: dict) -> str:
     out = []
     for prec, p in pipelines.items():
@@ -106,6 +128,10 @@ def full_report(res: dict) -> str:
              f"{m['threads']} threads — load average {m['loadavg']}"]
     if res.get("stages"):
         parts.append(stage_table(res["stages"]))
+        gpu = gpu_time_table(res["stages"])
+        if gpu:
+            parts.append("GPU time of one profiled iteration by kernel kind "
+                         "(`sfc.bench.measure.kernel_kind`):\n\n" + gpu)
     if res.get("pipeline"):
         parts.append(pipeline_table(res["pipeline"]))
     if res.get("reference"):
