@@ -11,9 +11,10 @@
 #   3. the same in fp32 with deferred checks (--check-every 50, the CUDA default), counts    70
 #   4. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD, deferred checks, counts           75
 #   5. release-style reference vs project (SFC stage one), fp32                              30
-#   6. --compile default, SFC stage one, bf16, deferred checks (compiles in the warm-up:
-#      86-100 s of the limit on 2026-12-04); then the pipeline from the fastest row per stage
-#      kind of parts 2-6                                                                      90
+#   6. --compile default, SFC stage one, bf16 + channels_last (Inductor's BatchNorm instead of
+#      the native channels-last one; NCHW compiled: 143.9 ms on 2026-12-04), deferred checks
+#      (compiles in the warm-up: 86-100 s of the limit then); then the pipeline from the
+#      fastest row per stage kind of parts 2-6                                                90
 #   7. loaders: native-size synthetic tree, 1 worker and 8 workers                           30
 # (limits sum to 480 s; 2026-12-04: parts of 30-100 s each, several at their limit — see
 # docs/benchmark.md.) bf16 + channels_last is not measured any more: slower than fp32 in 4 of 5
@@ -91,7 +92,7 @@ part reference "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITER
   --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" \
   --json "$OUT/bench_reference.json"
 part bench_compile "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --compile default \
+  "${NOEVAL[@]}" --precision bf16 --channels-last --foreach-sgd "${DEFER[@]}" --compile default \
   --stages segnet_sfc --profile-counts --json "$OUT/bench_compile.json" \
   --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_deferred.json "$OUT"/bench_bf16.json
 # Loaders: the workers needed are computed from the step times just measured.
