@@ -21,6 +21,10 @@ from sfc.data.io import DatasetError
 MIN_SIZE = 8  # pixels: a smaller side leaves the 1/8 feature maps below one pixel
 
 
+# `--compile` of sfc.train and sfc.bench (torch.compile modes; none: eager)
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
 class FlagError(ValueError):
     """A flag value that cannot work."""
 

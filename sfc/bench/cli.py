@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sfc import flags
 from sfc.bench import measure, report, run, steps
 from sfc.bench.loaders import measure_loaders
 from sfc.models.aspp_gemm import MODES, set_aspp_impl
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--width", type=int, default=64, help="ResNet stem width")
     a("--channels-last", action="store_true",
       help="channels_last networks (the engine's --channels-last; CUDA only)")
-    a("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+    a("--compile", default="none", choices=list(flags.COMPILE_MODES),
       help="torch.compile the networks (the engine's --compile); the warm-up steps absorb the "
            "compilation")
     a("--check-every", default="auto", metavar="N|auto",
@@ -125,14 +126,20 @@ def _meta(args) -> dict:
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
 
 
-def _pace(res: dict, paths) -> dict[str, float]:
-    """Stage kind → the fastest measured step time (s): the pace the loaders must keep."""
+def _rows(res: dict, paths) -> list[dict]:
+    """This run's stage rows and those of the earlier bench JSONs `paths` (missing ones
+    skipped)."""
     recs = list(res["stages"])
     for p in paths or ():
         if Path(p).is_file():
             recs += json.loads(Path(p).read_text()).get("stages", [])
+    return recs
+
+
+def _pace(res: dict, paths) -> dict[str, float]:
+    """Stage kind → the fastest measured step time (s): the pace the loaders must keep."""
     fastest: dict[str, float] = {}
-    for r in recs:
+    for r in _rows(res, paths):
         fastest[r["kind"]] = min(fastest.get(r["kind"], float("inf")), r["step_s"])
     return fastest
 
@@ -141,12 +148,8 @@ def fastest_pipeline(res: dict, paths) -> dict:
     """The pipeline extrapolated from the fastest measured step per stage kind over this run's
     rows and those of `paths` (earlier bench JSONs of the same sizes); evaluation per kind from
     the fastest row that measured it. `configs` says which configuration each kind took."""
-    recs = list(res["stages"])
-    for p in paths:
-        if Path(p).is_file():
-            recs += json.loads(Path(p).read_text()).get("stages", [])
     step, ev, configs = {}, {}, {}
-    for r in recs:
+    for r in _rows(res, paths):
         k = r["kind"]
         if r["step_s"] < step.get(k, float("inf")):
             step[k], configs[k] = r["step_s"], report.config_label(r)

@@ -14,6 +14,7 @@ from pathlib import Path
 from sfc import flags
 from sfc.data import DATASET_DIRS, get_protocol, make_dataset
 from sfc.data.viper import release_val_list
+from sfc.train.guard import resolve_every
 
 SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
 SOURCE_SIZES = {"viper": (1280, 720), "synthia_seq": (1280, 640)}
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sfc-precision", choices=["float32", "autocast"], default="float32",
       help="with --amp bf16: the SFC term's forwards in float32 (bf16 loses most of its "
            "gradient, docs/pipeline.md) or under the same autocast as the source term")
-    a("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"],
+    a("--compile", choices=list(flags.COMPILE_MODES),
       default="none",
       help="torch.compile the networks (none: eager, the reference; see docs/benchmark.md); "
            "the state-dict keys and checkpoints are unchanged")
@@ -161,14 +162,11 @@ def validate(args: argparse.Namespace) -> None:
     flags.check_size(args, "source_size")
     flags.check_size(args, "target_size")
     flags.check_device(args.device)
-    if args.check_every != "auto":
-        try:
-            ok = int(args.check_every) >= 1
-        except ValueError:
-            ok = False
-        if not ok:
-            raise flags.FlagError(f"--check-every {args.check_every}: expected a number >= 1 "
-                                  "or auto")
+    try:
+        resolve_every(args.check_every, "cpu")
+    except ValueError:
+        raise flags.FlagError(f"--check-every {args.check_every}: expected a number >= 1 or "
+                              "auto") from None
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:

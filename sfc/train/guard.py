@@ -133,9 +133,8 @@ class FiniteGuard:
             flags = list(self._flags)
             self._flags = []
             if params:
-                norms = torch.stack([n.float() for n in torch._foreach_norm(params)])
                 flags.append((self._code("parameter", "parameters"),
-                              ~torch.isfinite(norms).all()))
+                              ~torch.isfinite(_norms(params)).all()))
             if not flags:
                 return None
             if self.first_iter is None:
@@ -180,12 +179,16 @@ class FiniteGuard:
         return it + 1, what, term, rank
 
 
+def _norms(params) -> torch.Tensor:
+    """Each tensor's 2-norm (float32, on the device; NaN/Inf where the tensor has one)."""
+    return torch.stack([n.float() for n in torch._foreach_norm(list(params))])
+
+
 def first_nonfinite(names, params) -> str | None:
     """The name of the first parameter holding a NaN/Inf, or None (one sync)."""
     if not params:
         return None
-    norms = torch.stack([n.float() for n in torch._foreach_norm(list(params))])
-    bad = (~torch.isfinite(norms)).nonzero()
+    bad = (~torch.isfinite(_norms(params))).nonzero()
     return names[int(bad[0])] if bad.numel() else None
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sfc import checkpoints, dist, losses
+from sfc import checkpoints, dist, flags, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
 from sfc.train import inputs, optim
@@ -46,8 +46,8 @@ class _FlowWatch:
             self.flags.append(~torch.isfinite(out.detach()).all())
 
     def check(self, guard: FiniteGuard) -> None:
-        flags, self.flags = self.flags, []
-        guard.flow(self.term, flags)
+        recorded, self.flags = self.flags, []
+        guard.flow(self.term, recorded)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -116,7 +116,7 @@ class Stage:
         return self
 
     # -- compiled networks (issue 18) ----------------------------------------------------
-    COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+    COMPILE_MODES = flags.COMPILE_MODES
 
     def compile(self, mode: str = "none") -> None:
         """`torch.compile` every network of the stage in place (`nn.Module.compile`: the
