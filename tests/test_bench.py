@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sfc import losses
-from sfc.bench import steps
+from sfc.bench import report, steps
 from sfc.bench.cli import main as bench_main
 from sfc.bench.fastopt import check_exact
 from sfc.bench.reference import (
@@ -183,6 +183,31 @@ def test_bench_cli_json_structure(tmp_path, capsys):
     table = path.with_suffix(".md").read_text()
     assert "segnet_sfc" in table and "speed-up" in table
     assert "| accel_sfc |" in capsys.readouterr().out
+
+
+def test_bench_cuda_graph_both_gives_an_eager_and_a_graph_row(tmp_path):
+    """`--cuda-graph both`: per captured kind an eager row then a graph row (emulated on the
+    CPU, and labelled so), the SFM once (eager), and a pipeline from the faster row per kind
+    beside the eager one; without deferred checks it refuses."""
+    path = tmp_path / "bench.json"
+    common = ["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+              "--width", "8", "--iters", "1", "--warmup", "0", "--eval-images", "0",
+              "--no-flops", "--threads", "1", "--stages", "segnet", "sfm"]
+    with pytest.raises(SystemExit, match="--check-every N > 1"):
+        bench_main([*common, "--cuda-graph", "on"])
+    assert bench_main([*common, "--cuda-graph", "both", "--check-every", "5",
+                       "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    rows = [(r["kind"], r["cuda_graph"]) for r in res["stages"]]
+    assert rows == [("segnet", False), ("segnet", "emulated"), ("sfm", False)]
+    graph_row = res["stages"][1]
+    assert report.config_label(graph_row) == "fp32 checks/5 graph (emulated)"
+    assert graph_row["opt_s"] is None and graph_row["loss_terms"]["seg"] > 0
+    pipe = res["pipeline"]
+    assert set(pipe) == {"fp32", "fp32, fastest with --cuda-graph"}
+    fast = min(r["step_s"] for r in res["stages"] if r["kind"] == "segnet")
+    assert pipe["fp32, fastest with --cuda-graph"]["runs"][0]["train_h"] == pytest.approx(
+        fast * 80_000 / 3600)
 
 
 def test_loader_measurement_on_tiny_tree(tmp_path):

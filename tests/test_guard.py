@@ -56,6 +56,26 @@ def test_deferred_guard_discards_the_bad_update_and_stays_on_the_last_good_state
     assert guard.read() == (2, "loss", "x", 0)  # 1-based: the second iteration
 
 
+def test_deferred_guard_keeps_its_state_in_place_and_takes_a_tensor_iteration():
+    """What a captured step (--cuda-graph) relies on: the first-bad-iteration record is the
+    same tensor storage from its creation on (a graph replays reads and writes of fixed
+    addresses), and the iteration may be a 0-d device tensor filled before each step."""
+    net, opt, _, _ = _pair(seed=3)
+    named = list(net.named_parameters())
+    guard = FiniteGuard("cpu", every=5)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    it = torch.zeros((), dtype=torch.int64)
+    ptrs = set()
+    for i, nan in enumerate((False, False, True, False)):
+        it.fill_(i)
+        opt.zero_grad()
+        guard.loss("x", _loss(net, x, nan=nan)).backward()
+        guard.step(opt, named, it)
+        ptrs.add((guard.first_iter.data_ptr(), guard.first_code.data_ptr()))
+    assert len(ptrs) == 1
+    assert guard.read() == (3, "loss", "x", 0)
+
+
 def test_deferred_guard_names_an_overflowing_parameter():
     net, opt, _, _ = _pair(seed=2)
     for g in opt.param_groups:

@@ -26,6 +26,7 @@ from sfc import flags
 from sfc.bench import measure, report, run, steps
 from sfc.bench.loaders import measure_loaders
 from sfc.models.aspp_gemm import MODES, set_aspp_impl
+from sfc.train.guard import resolve_every
 
 FAITHFUL = {"source": (1280, 720), "target": (1024, 512)}
 CPU_DEFAULT = (256, 128)
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", default="none", choices=list(flags.COMPILE_MODES),
       help="torch.compile the networks (the engine's --compile); the warm-up steps absorb the "
            "compilation")
+    a("--cuda-graph", choices=["off", "on", "both"], default="off",
+      help="the engine's --cuda-graph: the iteration captured as one CUDA graph and replayed "
+           "(segnet and accel kinds; the SFM stays eager); both: an eager row and a graph row "
+           "per kind, in the same process. Needs --check-every N > 1. On the CPU it replays "
+           "eagerly (a dry run of the plumbing, not a timing)")
     a("--check-every", default="auto", metavar="N|auto",
       help="the engine's --check-every: 1 reads each finiteness check at once (host syncs), "
            "N > 1 keeps them on the device (sfc.train.guard); auto: 1 on the CPU, 50 on CUDA")
@@ -148,8 +154,14 @@ def fastest_pipeline(res: dict, paths) -> dict:
     """The pipeline extrapolated from the fastest measured step per stage kind over this run's
     rows and those of `paths` (earlier bench JSONs of the same sizes); evaluation per kind from
     the fastest row that measured it. `configs` says which configuration each kind took."""
+    return _fastest(_rows(res, paths))
+
+
+def _fastest(rows: list[dict]) -> dict:
+    """`measure.pipeline_estimate` from the fastest row per stage kind (evaluation from the
+    fastest row that measured it), with the configuration each kind took."""
     step, ev, configs = {}, {}, {}
-    for r in _rows(res, paths):
+    for r in rows:
         k = r["kind"]
         if r["step_s"] < step.get(k, float("inf")):
             step[k], configs[k] = r["step_s"], report.config_label(r)
@@ -158,6 +170,14 @@ def fastest_pipeline(res: dict, paths) -> dict:
     out = measure.pipeline_estimate(step, ev)
     out["configs"] = configs
     return out
+
+
+def _keep(res: dict, key: str, rec: dict, args) -> None:
+    """Add one measured row, free its networks, write the JSON so far (a part cut short by
+    its time limit keeps what it measured)."""
+    res[key].append(rec)
+    run.release_memory(args.device)
+    _write(res, args.json)
 
 
 def _write(res: dict, path: str | None) -> None:
@@ -175,6 +195,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+    graph_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graph]
+    if args.cuda_graph != "off" and resolve_every(args.check_every, args.device) == 1:
+        raise SystemExit("--cuda-graph needs the deferred checks: --check-every N > 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:
@@ -193,23 +216,28 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
-            bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile)
             for kind in args.stages:
-                log(f"[bench] {kind} {prec} source {src} target {tgt} ...")
-                rec = run.measure_stage(kind, bc, args.iters, args.warmup, args.eval_images,
-                                        args.flops, ckpt_dir=ckpt_dir, log=log,
-                                        profile=args.profile_counts)
-                log(f"[bench] {kind} {prec}: {rec['step_s'] * 1e3:.1f} ms/step, "
-                    f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
-                    f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
-                res["stages"].append(rec)
-                run.release_memory(args.device)
-                _write(res, args.json)
-            mine = [r for r in res["stages"] if r["precision"] == prec]
-            if mine:
-                res["pipeline"][prec] = measure.pipeline_estimate(
-                    {r["kind"]: r["step_s"] for r in mine},
-                    {r["kind"]: r["eval_s_per_image"] for r in mine})
+                for graph in graph_modes:  # "both": the eager row, then the graph row
+                    if graph and kind == "sfm" and False in graph_modes:
+                        continue  # not captured: its eager row is the one
+                    bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile,
+                                cuda_graph=graph)
+                    name = f"{kind} {prec}{' graph' if graph else ''}"
+                    log(f"[bench] {name} source {src} target {tgt} ...")
+                    rec = run.measure_stage(kind, bc, args.iters, args.warmup,
+                                            args.eval_images, args.flops, ckpt_dir=ckpt_dir,
+                                            log=log, profile=args.profile_counts)
+                    log(f"[bench] {name}: {rec['step_s'] * 1e3:.1f} ms/step, "
+                        f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
+                        f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
+                    _keep(res, "stages", rec, args)
+            for graph in graph_modes:
+                # eager rows; with graph rows: the faster of the two per kind (SFM: eager)
+                mine = [r for r in res["stages"]
+                        if r["precision"] == prec and (graph or not r.get("cuda_graph"))]
+                if mine:
+                    res["pipeline"][prec + (", fastest with --cuda-graph" if graph else "")] \
+                        = _fastest(mine)
             _write(res, args.json)
         if args.reference:
             bc = config("fp32")
@@ -220,9 +248,7 @@ def main(argv=None) -> int:
                 log(f"[bench] reference {kind}: project {rec['project_step_s'] * 1e3:.1f} ms, "
                     f"release-style {rec['reference_step_s'] * 1e3:.1f} ms, "
                     f"speed-up {rec['speedup']:.2f}x, losses equal: {rec['losses_equal']}")
-                res["reference"].append(rec)
-                run.release_memory(args.device)
-                _write(res, args.json)
+                _keep(res, "reference", rec, args)
     if args.pipeline_from:
         res["pipeline"]["fastest measured"] = fastest_pipeline(res, args.pipeline_from)
         _write(res, args.json)

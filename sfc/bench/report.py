@@ -38,7 +38,8 @@ def config_label(r: dict) -> str:
     """precision, memory format, compile mode and check interval of one bench row."""
     return (r["precision"] + (" cl" if r.get("channels_last") else "")
             + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
-            + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else ""))
+            + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
+            + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), ""))
 
 
 def counts_cell(c: dict | None) -> str:

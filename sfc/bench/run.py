@@ -23,29 +23,36 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     dev = torch.device(bc.device)
     stage = steps.build(kind, bc, ckpt_dir=ckpt_dir)
     src, tgt = steps.make_batches(kind, bc, seed=bc.seed)
+    runner = steps.graph_runner(kind, stage, bc)  # --cuda-graph: None for eager
     state = {"i": 0, "terms": {}, "phases": None}
 
     def step():
-        state["terms"] = steps.train_iteration(stage, src, tgt, state["i"], state["phases"])
+        state["terms"] = steps.train_iteration(stage, src, tgt, state["i"], state["phases"],
+                                               runner=runner)
         state["i"] += 1
 
     n_flops = measure.count_flops(step) if flops else None  # also serves as a warm-up step
     # the warm-up outside the memory block: cuDNN's algorithm search (--cudnn-benchmark) tries
-    # workspaces up to the free memory in the first steps (137 GiB seen on an H200)
-    measure.time_calls(step, 0, warmup, dev)
+    # workspaces up to the free memory in the first steps (137 GiB seen on an H200); a graph
+    # runner's eager warm-up and capture too
+    measure.time_calls(step, 0, max(warmup, runner.calls_to_capture if runner else 0), dev)
     with measure.memory_block(dev) as mem:
         times = measure.time_calls(step, iters, 0, dev)
     s = measure.median(times)
-    state["phases"] = {}  # the optimiser step's share, timed apart (not in step_s)
-    measure.time_calls(step, min(iters, 2), 0, dev)
-    opt_s = measure.median(state["phases"]["opt_s"])
-    state["phases"] = None
+    opt_s = None
+    if runner is None:
+        state["phases"] = {}  # the optimiser step's share, timed apart (not in step_s)
+        measure.time_calls(step, min(iters, 2), 0, dev)
+        opt_s = measure.median(state["phases"]["opt_s"])
+        state["phases"] = None
     counts = measure.profile_counts(step, dev) if profile else None
     eval_s = measure_eval(stage, kind, bc, eval_images) if eval_images > 0 else None
     rec = {"kind": kind, "precision": bc.precision, "channels_last": bc.channels_last,
            "source_size": list(bc.source_size), "target_size": list(bc.target_size),
            "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
            "compile": bc.compile, "check_every": stage.guard.every,
+           "cuda_graph": (False if runner is None else
+                          True if dev.type == "cuda" else "emulated"),
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
            "tflops_per_s": (n_flops / s / 1e12 if n_flops and s > 0 else None),

@@ -54,6 +54,7 @@ class BenchConfig:
     compile: str = "none"  # the engine's --compile (torch.compile of the networks)
     source_prev_forward: bool = True  # SFC stage one's unused source forward (quirk 7)
     check_every: str = "auto"  # the engine's --check-every (finiteness checks, sfc.train.guard)
+    cuda_graph: bool = False  # the engine's --cuda-graph (sfc.train.graphed; not the SFM)
     seed: int = 0
 
 
@@ -169,12 +170,27 @@ def make_val_items(kind: str, bc: BenchConfig, n: int, seed: int = 1) -> list[di
     return items
 
 
+def graph_runner(kind: str, stage, bc: BenchConfig):
+    """The engine's `--cuda-graph` runner for this stage (None: eager, or the SFM, which the
+    engine does not capture). On the CPU (the script's dry run) the runner replays eagerly
+    (`graphed.EagerBackend`): the plumbing runs, the timing means nothing."""
+    if not bc.cuda_graph or kind == "sfm":
+        return None
+    from sfc.train import graphed
+
+    cpu = torch.device(bc.device).type != "cuda"
+    return graphed.GraphedStep(stage, backend=graphed.EagerBackend() if cpu else None)
+
+
 def train_iteration(stage, src: dict, tgt: dict | None, i: int = 0,
-                    phases: dict | None = None) -> dict[str, float]:
+                    phases: dict | None = None, runner=None) -> dict[str, float]:
     """One training iteration exactly as `sfc.train.engine.Trainer.run` performs it (one process).
-    `phases`: if given, gets the synchronised seconds of the optimiser step under "opt_s"."""
+    `phases`: if given, gets the synchronised seconds of the optimiser step under "opt_s".
+    `runner`: a `graph_runner` (the optimiser step is inside the graph: no "opt_s")."""
     stage.train_mode()
     stage.set_iteration_lr(i)
+    if runner is not None:
+        return runner(i, (src, tgt))
     stage.optimizer.zero_grad(set_to_none=True)
     terms = stage.train_step(src, tgt)
     if phases is None:

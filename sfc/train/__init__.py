@@ -3,6 +3,8 @@
 * :mod:`.cli`          ``python -m sfc.train`` / ``sfc-train``: flags, defaults, datasets
 * :mod:`.engine`       the one loop: streams, LR, step, evaluation, checkpoints, resume, signals
 * :mod:`.stages`       the three stage kinds (segnet / accel / sfm): networks, inits, loss, LR
+* :mod:`.guard`        the finiteness checks, read at once or deferred on the device
+* :mod:`.graphed`      --cuda-graph: the whole iteration captured as one CUDA graph
 * :mod:`.optim`        the release-exact repeated-parameter SGD, the SFM's Adam, LR rules
 * :mod:`.streams`      endless, resumable, seeded data streams; uint8 clips normalised on device
 * :mod:`.inputs`       reading earlier runs (and the release's files) into fresh networks

@@ -11,9 +11,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sfc import flags
 from sfc.data import DATASET_DIRS, get_protocol, make_dataset
 from sfc.data.viper import release_val_list
+from sfc.train import graphed
 from sfc.train.guard import resolve_every
 
 SOURCES = {"viper": 15, "synthia_seq": 12}  # source → number of train classes
@@ -127,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
            "iteration's update there and reads them every N iterations and before every "
            "evaluation and save (exit 3, last.pt untouched, as with 1); auto: 1 on the CPU, "
            "50 on CUDA")
+    a("--cuda-graph", action="store_true",
+      help="capture the training iteration as one CUDA graph after 3 eager ones and replay it "
+           "(segnet and accel stages, one CUDA process, deferred checks; the SGD update then "
+           "takes its LR from a device tensor: equal to the eager step within float32 "
+           "rounding; sfc.train.graphed)")
     a("--tf32", choices=["on", "off"], default=None,
       help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
            "matmuls off); the log and config.json record what was used")
@@ -202,6 +210,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if missing:
         raise flags.FlagError(f"stage {args.stage} (sfc weight {args.sfc_weight}) needs "
                               + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.cuda_graph:  # what is known before the processes start (one process per rank)
+        why = graphed.unsupported(args, args.device or ("cuda" if torch.cuda.is_available()
+                                                        else "cpu"))
+        if why is not None:
+            raise flags.FlagError(why)
     if args.stage == "segnet" and args.imagenet_init is None:
         raise flags.FlagError("stage segnet needs --imagenet-init PATH (or 'none' for random "
                               "init)")

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sfc import dist, flags
 from sfc.data.io import DatasetError
-from sfc.train import runio, tb_pictures
+from sfc.train import graphed, runio, tb_pictures
 from sfc.train.guard import NonFiniteLoss
 from sfc.train.progress import make_progress
 from sfc.train.stages import build_stage
@@ -150,6 +150,12 @@ class Trainer:
             runio.seed_everything(cfg.seed)
             self.stage = build_stage(cfg, self.device, log=self.log.info)
             self.stage.compile(getattr(cfg, "compile", "none"))
+            self.graphed = None  # --cuda-graph: the iteration as one CUDA graph
+            if getattr(cfg, "cuda_graph", False):
+                why = graphed.unsupported(cfg, self.device, self.info.world_size)
+                if why is not None:
+                    raise flags.FlagError(why)
+                self.graphed = graphed.GraphedStep(self.stage)
             self._build_loaders(data)
         except BaseException:
             self.close()
@@ -495,6 +501,9 @@ class Trainer:
             f"flags on the device, read every {g.every} iterations and before every "
             "evaluation and save (a bad iteration's update is discarded)" if g.deferred
             else "read at once (before each backward, after each step)"))
+        if self.graphed is not None:
+            self.log.info(f"--cuda-graph: the iteration is captured as one CUDA graph after "
+                          f"{self.graphed.warmup} eager iterations, then replayed")
         for note in getattr(self.data, "notes", ()):
             self.log.info(note)
         guard = stage.guard
@@ -514,9 +523,12 @@ class Trainer:
             self._phase = "step"
             stage.train_mode()
             lr = stage.set_iteration_lr(i)
-            stage.optimizer.zero_grad(set_to_none=True)
             try:
-                terms = stage.train_step(*batch)
+                if self.graphed is not None:  # deferred checks: nothing raised in the step
+                    terms = self.graphed(i, batch)
+                else:
+                    stage.optimizer.zero_grad(set_to_none=True)
+                    terms = stage.train_step(*batch)
             except NonFiniteLoss as e:
                 self._read_guard()  # an earlier bad iteration (deferred checks) comes first
                 on = f" on rank {e.rank}" if self.info.world_size > 1 else ""
@@ -524,7 +536,8 @@ class Trainer:
                     f"non-finite {e.what} at iteration {i + 1}{on} (term {e.term!r}"
                     + (f" = {e.value}" if e.rank == self.info.rank else "")
                     + "), before its backward")) from None
-            bad = stage.optimizer_step(i)  # checks read at once: the bad parameter's name
+            # the step and its parameter check (read at once: the bad parameter's name)
+            bad = stage.optimizer_step(i) if self.graphed is None else None
             if bad is not None:
                 raise _Stop("nonfinite", 0, save=False, message=(
                     f"non-finite parameter {bad!r} after the step of iteration {i + 1} "
@@ -677,6 +690,7 @@ def apply_precision(cfg) -> None:
         torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
     cfg.precision = {"autocast": getattr(cfg, "amp", None) or "none",
                      "compile": getattr(cfg, "compile", "none"),
+                     "cuda_graph": bool(getattr(cfg, "cuda_graph", False)),
                      "sfc_term": ("float32" if getattr(cfg, "sfc_precision", "float32") ==
                                   "float32" else getattr(cfg, "amp", None) or "none"),
                      "tf32_conv": bool(torch.backends.cudnn.allow_tf32),

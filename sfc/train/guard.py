@@ -116,8 +116,10 @@ class FiniteGuard:
         return loss.detach() if self.deferred else float(loss.detach())
 
     # -- the optimiser step -----------------------------------------------------------------
-    def step(self, optimizer: torch.optim.Optimizer, named_params, i: int) -> str | None:
-        """The optimiser step of 0-based iteration `i` and the parameter check. N = 1: the
+    def step(self, optimizer: torch.optim.Optimizer, named_params,
+             i: int | torch.Tensor) -> str | None:
+        """The optimiser step of 0-based iteration `i` (a number, or a 0-d int64 tensor on the
+        device that a captured step fills before each replay) and the parameter check. N = 1: the
         step, then the name of the first non-finite parameter or None (one sync). N > 1: the
         step, its update discarded on the device if this or an earlier iteration was bad;
         returns None (the flags are read by `read`)."""
@@ -149,8 +151,10 @@ class FiniteGuard:
             bad_now = stacked.any()
             earlier = self.first_iter >= 0
             new = bad_now & ~earlier
-            self.first_iter = torch.where(new, i, self.first_iter)
-            self.first_code = torch.where(new, code_now, self.first_code)
+            # in place: a captured step (sfc.train.graphed) reads and writes these same tensors
+            # at every replay; `i` may be a 0-d device tensor there
+            self.first_iter.copy_(torch.where(new, i, self.first_iter))
+            self.first_code.copy_(torch.where(new, code_now, self.first_code))
             if params:
                 skip = bad_now | earlier
                 after = torch.cat([p.detach().reshape(-1) for p in params])

@@ -76,6 +76,8 @@ class RepeatedSGD(torch.optim.Optimizer):
         # foreach: multi-tensor kernels (same operations in the same order per element; ~4
         # launches per repeat round instead of ~4 per parameter per repeat). None = on CUDA.
         self.foreach = foreach
+        # a captured step (sfc.train.graphed): one 0-d LR tensor per group, filled by `set_lr`
+        self.lr_tensors: list[torch.Tensor] | None = None
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"invalid SGD settings lr={lr} momentum={momentum} "
                              f"weight_decay={weight_decay}")
@@ -98,14 +100,28 @@ class RepeatedSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             live = [(p, k) for p, k in zip(group["params"], group["repeats"])
                     if p.grad is not None]
             if not live:
                 continue
+            if self.lr_tensors is not None:
+                self._group_step_foreach(group, live, self.lr_tensors[gi])
+                continue
             foreach = self.foreach if self.foreach is not None else live[0][0].is_cuda
             (self._group_step_foreach if foreach else self._group_step)(group, live)
         return loss
+
+    def use_lr_tensors(self) -> None:
+        """For a captured step (`--cuda-graph`, sfc.train.graphed): each group's LR is read from
+        a 0-d float32 tensor on its parameters' device, which `set_lr` fills, instead of being
+        baked into the kernels as a number (a replayed graph would keep the LR of its capture).
+        The multi-tensor path then updates `p − (lr·d)`, rounding `lr·d` first, where the
+        number path computes `p + (−lr)·d` in one kernel: equal within float32 rounding, not
+        bit-identical. The tensors are not part of `state_dict` (checkpoints unchanged)."""
+        self.lr_tensors = [torch.tensor(float(g["lr"]), dtype=torch.float32,
+                                        device=g["params"][0].device)
+                           for g in self.param_groups]
 
     def _group_step(self, group, live) -> None:
         """Single-tensor path: PyTorch's `SGD(foreach=False)` loop, k times per parameter."""
@@ -127,8 +143,9 @@ class RepeatedSGD(torch.optim.Optimizer):
             if m != 0:
                 state["momentum_buffer"] = buf  # the last copy's buffer is the one kept
 
-    def _group_step_foreach(self, group, live) -> None:
-        """Multi-tensor path: round r updates every parameter whose count k exceeds r."""
+    def _group_step_foreach(self, group, live, lr_t: torch.Tensor | None = None) -> None:
+        """Multi-tensor path: round r updates every parameter whose count k exceeds r (`lr_t`:
+        the group's LR tensor, `use_lr_tensors`)."""
         lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
         first = [(p, k) for p, k in live if "momentum_buffer" not in self.state[p]]
         later = [(p, k) for p, k in live if "momentum_buffer" in self.state[p]]
@@ -149,7 +166,10 @@ class RepeatedSGD(torch.optim.Optimizer):
                         torch._foreach_mul_(bufs, m)
                         torch._foreach_add_(bufs, d)
                         d = bufs
-                torch._foreach_add_(ps, d, alpha=-lr)
+                if lr_t is None:
+                    torch._foreach_add_(ps, d, alpha=-lr)
+                else:
+                    torch._foreach_sub_(ps, torch._foreach_mul(d, lr_t))
         for p, _ in first:
             if m != 0:
                 self.state[p]["momentum_buffer"] = last_d[p]
@@ -199,9 +219,13 @@ def accel_param_groups(accel: nn.Module, lr: float) -> list[dict]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set each group's LR to `lr × group['lr_mult']` (10× classifier heads keep their ratio)."""
+    """Set each group's LR to `lr × group['lr_mult']` (10× classifier heads keep their ratio),
+    and the group's LR tensor where the optimiser has them (`RepeatedSGD.use_lr_tensors`; a
+    fill on the device, no sync)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
+    for g, t in zip(optimizer.param_groups, getattr(optimizer, "lr_tensors", None) or ()):
+        t.fill_(g["lr"])
 
 
 def make_sgd(groups: list[dict], lr: float, momentum: float = 0.9,

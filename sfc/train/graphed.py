@@ -1,0 +1,213 @@
+"""The whole training iteration as one CUDA graph (`--cuda-graph`, issue 18).
+
+At batch 1 an iteration of the SegNet and Accel stages is thousands of small kernels (SFC stage
+one: about 6,400), each launched by the CPU. Captured once as a CUDA graph, an iteration is one
+launch: forward passes, both backward passes, the optimiser step and the finiteness checks
+(deferred: flags on the device, sfc.train.guard) replay with no Python and no per-kernel launch
+cost. What it takes, and how this module provides it:
+
+* **Fixed inputs.** A graph reads and writes fixed addresses: each iteration's batch is copied
+  into the static batch of the capture (sizes are fixed: batch 1 at the stage's source and
+  target sizes; another shape is an error naming the entry).
+* **No host syncs and no Python decisions inside.** The deferred checks leave flags on the device
+  (a CUDA test runs a whole iteration of each SegNet/Accel stage kind under
+  `torch.cuda.set_sync_debug_mode("error")`); the check and LR of the iteration are device
+  tensors filled before each replay: the guard's iteration number (`FiniteGuard.step` takes a
+  0-d tensor) and one LR tensor per optimiser group (`RepeatedSGD.use_lr_tensors`, filled by
+  `optim.set_lr`). State that lives across iterations (momentum buffers, BatchNorm statistics,
+  the guard's first bad iteration) is updated in place.
+* **Warm-up before capture.** The first `WARMUP` iterations of every run (and of every resumed
+  run) are eager, on the stream the capture then uses: cuDNN picks its algorithms, the
+  momentum buffers exist (the first SGD step creates them, a different program from the later
+  ones), the guard's tensors are made. The next iteration is captured, then replayed for its
+  own update; every later one is replayed.
+
+Not supported, each refused up front with the reason (`unsupported`): the CPU; several
+processes (DDP's communication is not captured here); the SFM stage (each step reads on the
+host which label classes its batch holds); the flownet stage (Adam: not prepared for capture);
+`--check-every 1` (reads each check on the host). Numerics: the same step, except the SGD update
+`p − (lr·d)` with a tensor LR (`use_lr_tensors`: within float32 rounding of the eager step, not
+bit-identical); warm-up and replays use the same update, so a resumed run follows the same
+program as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sfc.train.guard import resolve_every
+
+WARMUP = 3  # eager iterations before the capture (each run, each resume)
+STAGES = ("segnet", "accel")
+
+
+def unsupported(cfg, device: torch.device, world_size: int = 1) -> str | None:
+    """Why `--cuda-graph` cannot run with this config, or None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"--cuda-graph needs a CUDA device, got --device {device}"
+    if world_size > 1:
+        return (f"--cuda-graph runs in one process (got {world_size}): the several-process "
+                "path's gradient all-reduce is not captured")
+    if cfg.stage not in STAGES:
+        why = {"sfm": "its step reads on the host which label classes the batch holds",
+               "flownet": "its Adam step is not prepared for capture"}.get(cfg.stage, "")
+        return (f"--cuda-graph applies to the segnet and accel stages, not {cfg.stage}"
+                + (f" ({why})" if why else ""))
+    if resolve_every(getattr(cfg, "check_every", "auto"), device) == 1:
+        return ("--cuda-graph needs the deferred finiteness checks (--check-every N > 1 or "
+                "auto); --check-every 1 reads every check on the host")
+    return None
+
+
+class CudaGraphBackend:
+    """Warm-up, capture and replay on one side stream of `device` (warm-up and capture on the
+    same stream: the libraries' per-stream handles and workspaces exist before the capture)."""
+
+    executes_capture = False  # a capture records the kernels; it does not run them
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.graph = None
+
+    @contextlib.contextmanager
+    def warm(self):
+        cur = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            yield
+        cur.wait_stream(self.stream)
+
+    def capture(self, fn):
+        cur = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(cur)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the data loaders' pin-memory threads may call CUDA during the capture
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            out = fn()
+        self.graph = graph
+        return out
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class EagerBackend:
+    """The same protocol without CUDA, for tests on the CPU: the "capture" runs `fn` once
+    (executes_capture) and every "replay" runs it again, writing its results into the outputs
+    of the capture in place. It checks the runner's plumbing (static batch, LR and iteration
+    tensors, the warm-up count), not what only a real graph shows (state reassigned in Python
+    is frozen in a graph; here it is not)."""
+
+    executes_capture = True
+
+    def __init__(self, device=None):
+        self.fn = None
+        self.out = None
+
+    def warm(self):
+        return contextlib.nullcontext()
+
+    def capture(self, fn):
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self) -> None:
+        new = self.fn()
+        for k, v in new.items():
+            self.out[k].copy_(v)
+
+
+def _leaves(batch):
+    """(path, tensor) of every tensor of a batch `(src dict, tgt dict or None)`."""
+    for bi, part in enumerate(batch):
+        for k, v in (part or {}).items():
+            if torch.is_tensor(v):
+                yield f"{('source', 'target')[bi]}[{k!r}]", v
+
+
+def _clone(batch):
+    return tuple(None if part is None else
+                 {k: (v.clone() if torch.is_tensor(v) else v) for k, v in part.items()}
+                 for part in batch)
+
+
+class GraphedStep:
+    """One training iteration of `stage` (a SegNet or Accel stage with deferred checks) as a
+    CUDA graph after `warmup` eager iterations. `__call__(i, batch)` runs 0-based iteration
+    `i` on `batch` (its LR already set by `stage.set_iteration_lr(i)`, train mode by
+    `stage.train_mode()`, as the engine does) and returns the loss terms as device tensors
+    (read them before the next call: a replay overwrites them)."""
+
+    def __init__(self, stage, warmup: int = WARMUP, backend=None):
+        if warmup < 1:
+            raise ValueError("a captured step needs at least one eager warm-up iteration "
+                             "(the first SGD step creates the momentum buffers)")
+        if not stage.guard.deferred:
+            raise ValueError("a captured step needs the deferred finiteness checks "
+                             "(--check-every N > 1)")
+        if not hasattr(stage.optimizer, "use_lr_tensors"):
+            raise ValueError(f"stage {stage.kind}: its optimiser "
+                             f"({type(stage.optimizer).__name__}) has no LR tensors")
+        self.stage, self.warmup = stage, int(warmup)
+        self.backend = backend if backend is not None else CudaGraphBackend(stage.device)
+        self.iter_t = torch.zeros((), dtype=torch.int64, device=stage.device)
+        stage.optimizer.use_lr_tensors()
+        self.warm_done = 0
+        self.static = None  # the batch the graph reads (after the capture)
+        self.terms = None  # the loss terms the graph writes
+
+    @property
+    def captured(self) -> bool:
+        return self.static is not None
+
+    @property
+    def calls_to_capture(self) -> int:
+        """Calls left until the graph exists (the capture's call included)."""
+        return 0 if self.captured else self.warmup - self.warm_done + 1
+
+    def _body(self, src, tgt) -> dict:
+        st = self.stage
+        st.optimizer.zero_grad(set_to_none=True)  # the capture's backward allocates the grads
+        terms = st.train_step(src, tgt)
+        st.optimizer_step(self.iter_t)
+        return terms
+
+    def __call__(self, i: int, batch) -> dict:
+        self.iter_t.fill_(i)
+        if not self.captured and self.warm_done < self.warmup:
+            with self.backend.warm():
+                terms = self._body(*batch)
+            self.warm_done += 1
+            return terms
+        if not self.captured:
+            self.static = _clone(batch)
+            static = self.static
+            self.terms = self.backend.capture(lambda: self._body(*static))
+            if self.backend.executes_capture:
+                return self.terms
+        else:
+            self._copy_in(batch)
+        self.backend.replay()
+        return self.terms
+
+    def _copy_in(self, batch) -> None:
+        have = dict(_leaves(self.static))
+        got = dict(_leaves(batch))
+        if have.keys() != got.keys():
+            raise ValueError(f"--cuda-graph: the batch has entries {sorted(got)}, the captured "
+                             f"one {sorted(have)}")
+        for k, v in got.items():
+            s = have[k]
+            if v.shape != s.shape or v.dtype != s.dtype:
+                raise ValueError(f"--cuda-graph: batch entry {k} is {tuple(v.shape)} "
+                                 f"{v.dtype}, the graph was captured for {tuple(s.shape)} "
+                                 f"{s.dtype} (a captured step needs fixed input sizes)")
+            s.copy_(v, non_blocking=True)
+
+
+__all__ = ["CudaGraphBackend", "EagerBackend", "GraphedStep", "STAGES", "WARMUP",
+           "unsupported"]

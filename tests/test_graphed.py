@@ -1,0 +1,234 @@
+"""`--cuda-graph` (sfc.train.graphed, issue 18): the captured iteration's plumbing on the CPU.
+
+A real CUDA graph needs a GPU (tests/test_cuda_paths.py runs the same lockstep check with real
+capture). Here `graphed.EagerBackend` stands in for the graph — its "replay" runs the step again
+on the static batch — so these tests check what the runner itself must get right: each
+iteration's batch reaches the static one, each iteration's LR reaches the optimiser's LR
+tensors, each iteration's number reaches the guard, the warm-up count, fixed shapes, the
+engine's wiring and resume.
+"""
+
+import argparse
+
+import pytest
+import torch
+
+from sfc.train import graphed, optim
+
+
+def _cfg(**kw):
+    base = {"stage": "segnet", "check_every": "auto"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw,device,world,expect", [
+    ({}, "cuda", 1, None),
+    ({"stage": "accel", "check_every": "7"}, "cuda:0", 1, None),
+    ({}, "cpu", 1, "needs a CUDA device, got --device cpu"),
+    ({}, "cuda", 2, "runs in one process (got 2)"),
+    ({"stage": "sfm"}, "cuda", 1, "not sfm (its step reads on the host which label classes"),
+    ({"stage": "flownet"}, "cuda", 1, "not flownet (its Adam step"),
+    ({"check_every": "1"}, "cuda", 1, "needs the deferred finiteness checks"),
+])
+def test_unsupported_names_the_reason(kw, device, world, expect):
+    why = graphed.unsupported(_cfg(**kw), torch.device(device), world)
+    if expect is None:
+        assert why is None
+    else:
+        assert expect in why
+
+
+def test_cuda_graph_on_cpu_is_a_one_line_flag_error(capsys, tmp_path):
+    from sfc import train
+
+    rc = train.main(["--stage", "segnet", "--imagenet-init", "none", "--data", str(tmp_path),
+                     "--out", str(tmp_path / "run"), "--device", "cpu", "--cuda-graph"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["sfc.train: error: --cuda-graph needs a CUDA device, got --device cpu"]
+
+
+def test_lr_tensors_update_within_rounding_and_stay_out_of_the_state_dict():
+    """`use_lr_tensors`: the update `p − (lr·d)` with LRs filled by `set_lr` equals the number
+    path (PyTorch's single-tensor SGD loop, per-parameter repeats) within float32 rounding, over
+    a first step and later ones at changing LRs; the state dict is the number path's."""
+    from sfc.models import DeepLabV2
+
+    torch.manual_seed(0)
+    a = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8)
+    b = DeepLabV2(15, multi_level=True, layers=(1, 1, 1, 1), width=8)
+    b.load_state_dict(a.state_dict())
+    oa, ob = (optim.make_sgd(optim.segnet_param_groups(n, 1e-3, release=True), lr=1e-3,
+                             foreach=False) for n in (a, b))
+    ob.use_lr_tensors()
+    g = torch.Generator().manual_seed(1)
+    for lr in (1e-3, 3e-3, 2e-2):
+        optim.set_lr(oa, lr)
+        optim.set_lr(ob, lr)
+        assert [float(t) for t in ob.lr_tensors] == pytest.approx([lr, 10 * lr], rel=1e-6)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            grad = torch.randn(pa.shape, generator=g)
+            pa.grad, pb.grad = grad.clone(), grad.clone()
+        pa_list = [p for grp in oa.param_groups for p in grp["params"]]
+        pb_list = [p for grp in ob.param_groups for p in grp["params"]]
+        before = [p.detach().clone() for p in pa_list]
+        oa.step()
+        ob.step()
+        for p0, pa, pb in zip(before, pa_list, pb_list):
+            upd_a, upd_b = pa.detach() - p0, pb.detach() - p0
+            assert upd_a.abs().max() > 0
+            torch.testing.assert_close(upd_b, upd_a, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7)  # a few ulp
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert not any(torch.is_tensor(v) for grp in sb["param_groups"] for v in grp.values())
+
+
+# ---- the runner, lockstep against the eager iteration ---------------------------------------
+def _stage(kind, device="cpu"):
+    from sfc.bench import steps
+
+    bc = steps.BenchConfig(device=device, source_size=(64, 32), target_size=(64, 32),
+                           layers=(1, 1, 1, 1), width=8, check_every="5")
+    st = steps.build(kind, bc)
+    st.lr_at = lambda i: 1e-3 * (1 + i)  # a different LR each iteration: a stale one shows
+    return st, bc
+
+
+def _state(stage):
+    """Every tensor a step changes: parameters, buffers, momentum buffers (in place)."""
+    nets = [stage.nets[n] for n in stage.main_nets]
+    out = [p for net in nets for p in net.parameters()]
+    out += [b for net in nets for b in net.buffers()]
+    out += [stage.optimizer.state[p]["momentum_buffer"] for p in stage.trainable_parameters()
+            if "momentum_buffer" in stage.optimizer.state[p]]
+    return out
+
+
+def lockstep(kind, backend, device="cpu", iters=6, warmup=2):
+    """Run `iters` iterations of a graph runner (`backend`; None: a real CUDA graph) and of
+    the eager engine
+    iteration from identical states (the eager twin's state is copied in place into the
+    runner's before each one, as a captured graph needs), on a different batch each time, and
+    compare the loss terms and the updates. Returns the runner."""
+    from sfc.bench import steps
+
+    eager, bc = _stage(kind, device)
+    graph_stage, _ = _stage(kind, device)
+    runner = graphed.GraphedStep(graph_stage, warmup=warmup, backend=backend)
+    for i in range(iters):
+        src, tgt = steps.make_batches(kind, bc, seed=100 + i)
+        if i > 0:
+            with torch.no_grad():
+                torch._foreach_copy_(_state(graph_stage), _state(eager))
+        before = [t.detach().clone() for t in _state(eager)]
+        t_eager = steps.train_iteration(eager, src, tgt, i)
+        t_graph = steps.train_iteration(graph_stage, src, tgt, i, runner=runner)
+        assert runner.captured == (i >= warmup)
+        for k in t_eager:
+            torch.testing.assert_close(float(t_graph[k]), float(t_eager[k]), rtol=1e-5,
+                                       atol=1e-7)
+        pairs = list(zip(before, _state(eager), _state(graph_stage)))
+        assert len(pairs) == len(before)
+        for b, e, g in pairs:
+            if e.is_floating_point():
+                torch.testing.assert_close(g - b, e - b, rtol=1e-3, atol=1e-6)
+            else:
+                assert torch.equal(g, e)  # num_batches_tracked
+    assert eager.guard.read() is None and graph_stage.guard.read() is None
+    return runner
+
+
+@pytest.mark.parametrize("kind", ["segnet_sfc", "accel_sfc"])
+def test_runner_follows_the_eager_iteration(kind):
+    runner = lockstep(kind, graphed.EagerBackend())
+    assert runner.warm_done == 2 and runner.calls_to_capture == 0
+
+
+def test_runner_needs_deferred_checks_and_a_warm_up():
+    from sfc.bench import steps
+
+    bc = steps.BenchConfig(device="cpu", source_size=(64, 32), target_size=(64, 32),
+                           layers=(1, 1, 1, 1), width=8, check_every="1")
+    st = steps.build("segnet", bc)
+    with pytest.raises(ValueError, match="deferred finiteness checks"):
+        graphed.GraphedStep(st, backend=graphed.EagerBackend())
+    st2, _ = _stage("segnet")
+    with pytest.raises(ValueError, match="at least one eager warm-up"):
+        graphed.GraphedStep(st2, warmup=0, backend=graphed.EagerBackend())
+
+
+def test_runner_rejects_another_shape_and_names_the_entry():
+    from sfc.bench import steps
+
+    st, bc = _stage("segnet")
+    runner = graphed.GraphedStep(st, warmup=1, backend=graphed.EagerBackend())
+    src, tgt = steps.make_batches("segnet", bc)
+    for i in range(2):
+        steps.train_iteration(st, src, tgt, i, runner=runner)
+    small = {k: v[..., :16] for k, v in src.items()}
+    with pytest.raises(ValueError, match=r"batch entry source\['seg'\] is \(1, 3, 2, 32, 16\)"):
+        steps.train_iteration(st, small, tgt, 2, runner=runner)
+
+
+def test_nan_after_the_capture_is_found_and_discarded_stickily():
+    nan_after_capture(graphed.EagerBackend())
+
+
+def nan_after_capture(backend, device="cpu"):
+    """A NaN loss in a replayed iteration (0-based 3): the read names 1-based iteration 4 (the
+    runner's iteration tensor), and the parameters stay those after iteration 2 through a
+    later finite iteration."""
+    from sfc.bench import steps
+
+    st, bc = _stage("segnet", device)
+    runner = graphed.GraphedStep(st, warmup=1, backend=backend)
+    for i in range(3):
+        src, tgt = steps.make_batches("segnet", bc, seed=i)
+        steps.train_iteration(st, src, tgt, i, runner=runner)
+    kept = [p.detach().clone() for p in st.trainable_parameters()]
+    src, tgt = steps.make_batches("segnet", bc, seed=3)
+    steps.train_iteration(st, {**src, "seg": src["seg"] * float("nan")}, tgt, 3, runner=runner)
+    src, tgt = steps.make_batches("segnet", bc, seed=4)
+    steps.train_iteration(st, src, tgt, 4, runner=runner)
+    assert st.guard.read() == (4, "loss", "seg", 0)
+    for k, p in zip(kept, st.trainable_parameters()):
+        assert torch.equal(k, p)
+
+
+# ---- the engine's wiring (the graph emulated on the CPU) ------------------------------------
+@pytest.fixture()
+def emulated(monkeypatch):
+    """`--cuda-graph` on the CPU through `EagerBackend`: the device checks pass."""
+    monkeypatch.setattr(graphed, "unsupported", lambda *a, **k: None)
+    monkeypatch.setattr(graphed, "CudaGraphBackend", graphed.EagerBackend)
+
+
+def test_engine_runs_the_runner_and_resumes_exactly(emulated, tiny_data, tmp_path):
+    """The engine with --cuda-graph: it says so in the log, the result equals the eager run
+    within float32 rounding, and a run stopped after iteration 4 and resumed (warm-up again,
+    capture again) ends bit-identical to the uninterrupted one: warm-up and replay use the same
+    update."""
+    from conftest import TINY_TRAIN
+
+    from sfc import train
+    from sfc.train import runio
+
+    def run(out, *extra):
+        return train.main(["--stage", "segnet", "--imagenet-init", "none", "--data",
+                           str(tiny_data), "--out", str(out), *TINY_TRAIN, "--iters", "7",
+                           "--eval-every", "7", "--check-every", "5", "--seed", "3", *extra])
+
+    assert run(tmp_path / "eager") == 0
+    assert run(tmp_path / "graph", "--cuda-graph") == 0
+    assert run(tmp_path / "resumed", "--cuda-graph", "--stop-after", "4") == 0
+    assert runio.load_checkpoint(tmp_path / "resumed" / "last.pt")["iter"] == 4
+    assert run(tmp_path / "resumed", "--cuda-graph") == 0
+    log = (tmp_path / "graph" / "log.txt").read_text()
+    assert "--cuda-graph: the iteration is captured as one CUDA graph after 3 eager" in log
+    m = {k: runio.load_checkpoint(tmp_path / k / "last.pt")["models"]["segnet"]
+         for k in ("eager", "graph", "resumed")}
+    for name, v in m["eager"].items():
+        assert torch.equal(m["resumed"][name], m["graph"][name]), name
+        if v.is_floating_point():
+            torch.testing.assert_close(m["graph"][name], v, rtol=1e-4, atol=1e-6)
