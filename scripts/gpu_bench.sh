@@ -7,20 +7,21 @@
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
 #   1. CUDA tests (pytest -m cuda -x: a bf16 step per stage kind, the no-sync deferred checks,
 #      --cuda-graph in lockstep with the eager iteration, its engine run without syncs)   80
-#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, checks read at once    100
-#      (--check-every 1, the behaviour before issue 18): FLOPs, evaluation, profiler counts
-#   3. fp32, deferred checks (--check-every 50, the CUDA default), per stage kind an eager
-#      row and a --cuda-graph row (the whole iteration as one CUDA graph; SFM eager), counts 110
-#   4. the same in bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD; then the pipeline from
-#      the fastest row per stage kind of parts 2-4                                           110
-#   5. release-style reference vs project (SFC stage one), fp32                              30
-#   6. loaders: native-size synthetic tree, 1 worker and 8 workers                           30
-# (limits sum to 460 s.) Not measured any more (docs/benchmark.md, 2026-12-04): bf16 +
-# channels_last eager (slower than fp32 in 4 of 5 stage kinds: native channels-last
-# BatchNorm); --compile default (SFC stage one bf16: 143.9 ms against 154.1 fp32 eager, and
-# 86-100 s of compilation in a part). $OUT (default save_results/gpu_bench) gets 3 files (the
-# device tool returns 8): bench_all.json (every part's JSON, by name), run.log (everything
-# printed), summary.txt (environment, part status, all tables).
+#   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, deferred checks
+#      (--check-every 50, the CUDA default), per stage kind an eager row and a --cuda-graph
+#      row (the whole iteration as one CUDA graph; the SFM eager): FLOPs, evaluation, counts 150
+#   3. the same in bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD; counts              100
+#   4. release-style reference vs project (SFC stage one), fp32                              30
+#   5. SFC stage one, fp32, eager and graph, alone and 2 processes side by side (as its
+#      update and reference runs can train at once); then the pipeline from the fastest row
+#      per stage kind of parts 2-5                                                          90
+# (limits sum to 450 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
+# read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
+# kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
+# against 154.1 fp32 eager, 86-100 s of compilation); the loaders (8 workers: 27-59 samples/s,
+# code unchanged since). $OUT (default save_results/gpu_bench) gets 3 files (the device tool
+# returns 8): bench_all.json (every part's JSON, by name), run.log (everything printed),
+# summary.txt (environment, part status, all tables).
 # No pip installs: the repo runs from PYTHONPATH.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -36,8 +37,7 @@ if [[ "${SFC_BENCH_DRY:-0}" == "1" ]]; then
   SIZE=(--size 64 32 --layers 1 1 1 1 --width 8)
   ITERS=(--iters 1 --warmup 0 --eval-images 1)
   REF_ITERS=(--iters 1 --warmup 0)
-  LOADER=(--loader-samples 1 --loader-workers 2)
-  T=(60 120 120 120 60 120)
+  T=(60 120 120 60 120)
   PYTEST_MARK="cuda and not slow"
   [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON:-}" ]] && PY="$ROOT/.venv/bin/python"
 else
@@ -45,8 +45,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  LOADER=(--loader-samples 8 --loader-workers 8)
-  T=(80 100 110 110 30 30)
+  T=(80 150 100 30 90)
   PYTEST_MARK="cuda"
 fi
 NOEVAL=(--no-flops --eval-images 0)
@@ -80,20 +79,18 @@ else  # no pytest there: at least the exactness check of the proposed foreach SG
   part tests_cuda "${T[0]}" "$PY" -m sfc.bench.fastopt "${DEV[1]}"
 fi
 part bench_fp32 "${T[1]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  --precision fp32 --check-every 1 --profile-counts --json "$OUT/bench_fp32.json"
-part bench_fp32_graph "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph both --profile-counts \
-  --json "$OUT/bench_fp32_graph.json"
-part bench_bf16_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  --precision fp32 "${DEFER[@]}" --cuda-graph both --profile-counts \
+  --json "$OUT/bench_fp32.json"
+part bench_bf16 "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph both \
-  --profile-counts --json "$OUT/bench_bf16_graph.json" \
-  --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json
-part reference "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
+  --profile-counts --json "$OUT/bench_bf16.json"
+part reference "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
   --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" \
   --json "$OUT/bench_reference.json"
-# Loaders: the workers needed are computed from the step times just measured.
-part loaders "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" --stages --loaders "${LOADER[@]}" \
-  --steps-from "$OUT"/bench_*.json --json "$OUT/bench_loaders.json"
+part side_by_side "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph both --stages segnet_sfc \
+  --side-by-side 2 --json "$OUT/bench_side_by_side.json" \
+  --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_bf16.json
 
 {
   echo "gpu_bench finished $(date -Is)"

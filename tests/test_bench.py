@@ -287,3 +287,45 @@ def test_pipeline_from_the_fastest_row_of_several_runs(tmp_path):
     want = sum(step[kind] * iters / 3600 + ev[kind] * -(-iters // every) * n / 3600
                for _, kind, iters, every, n in PIPELINE)
     assert out["total_h"] == pytest.approx(want, rel=1e-12)
+
+
+def test_pipeline_takes_pairs_side_by_side_where_faster():
+    """A row of 2 processes side by side counts for the paired kinds only (segnet, segnet_sfc:
+    update and reference), each run charged half the pair's time, and only where that beats
+    the single-process row; hours by hand."""
+    from sfc.bench.cli import fastest_pipeline
+    from sfc.bench.measure import PAIRED_KINDS
+
+    assert PAIRED_KINDS == ("segnet", "segnet_sfc")
+
+    def row(kind, step, **kw):
+        return {"kind": kind, "step_s": step, "eval_s_per_image": None, "precision": "fp32",
+                **kw}
+
+    rows = [row(k, 0.2) for k in steps.KINDS] + [
+        row("segnet", 0.3, side_by_side=2),  # pair 0.3 s per iteration: 0.15 per run < 0.2
+        row("segnet_sfc", 0.5, side_by_side=2),  # 0.25 per run: slower than one at a time
+        row("accel", 0.01, side_by_side=2),  # not a paired kind: ignored
+        row("segnet", 0.01, side_by_side=3),  # 3 at once: no pipeline use
+    ]
+    out = fastest_pipeline({"stages": rows}, [])
+    assert out["configs"]["segnet"] == "fp32 ×2 side by side (each run: half the pair's)"
+    assert out["configs"]["segnet_sfc"] == "fp32" and out["configs"]["accel"] == "fp32"
+    want = (2 * 80_000 * 0.15 + 80_000 * 0.2 + 80_000 * 0.2 + 2 * 120_000 * 0.2
+            + 160_000 * 0.2) / 3600
+    assert out["total_train_h"] == pytest.approx(want, rel=1e-12)
+
+
+def test_side_by_side_processes_each_report_their_steps(tmp_path):
+    """`--side-by-side 2`: two spawned processes time the same stage kind after a common
+    barrier; the row holds both medians and the slower one as its step."""
+    path = tmp_path / "b.json"
+    assert bench_main(["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+                       "--width", "8", "--iters", "2", "--warmup", "1", "--eval-images", "0",
+                       "--no-flops", "--threads", "1", "--stages", "segnet",
+                       "--side-by-side", "2", "--json", str(path)]) == 0
+    single, pair = json.loads(path.read_text())["stages"]
+    assert "side_by_side" not in single and pair["side_by_side"] == 2
+    assert len(pair["step_s_each"]) == 2 and all(t > 0 for t in pair["step_s_each"])
+    assert pair["step_s"] == max(pair["step_s_each"])
+    assert [len(t) for t in pair["step_times_s"]] == [2, 2]

@@ -29,6 +29,8 @@ def _cfg(**kw):
     ({"stage": "sfm"}, "cuda", 1, "not sfm (its step reads on the host which label classes"),
     ({"stage": "flownet"}, "cuda", 1, "not flownet (its Adam step"),
     ({"check_every": "1"}, "cuda", 1, "needs the deferred finiteness checks"),
+    ({"compile": "reduce-overhead"}, "cuda", 1, "both capture CUDA graphs"),
+    ({"compile": "default"}, "cuda", 1, None),
 ])
 def test_unsupported_names_the_reason(kw, device, world, expect):
     why = graphed.unsupported(_cfg(**kw), torch.device(device), world)

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
            "(segnet and accel kinds; the SFM stays eager); both: an eager row and a graph row "
            "per kind, in the same process. Needs --check-every N > 1. On the CPU it replays "
            "eagerly (a dry run of the plumbing, not a timing)")
+    a("--side-by-side", type=int, default=0, metavar="N",
+      help="also time N processes training the same stage kind on the device at once (as the "
+           "update and reference runs of a stage one can run), after each single-process row; "
+           "with N = 2 the pipeline estimates take the pairs side by side where that is faster")
     a("--check-every", default="auto", metavar="N|auto",
       help="the engine's --check-every: 1 reads each finiteness check at once (host syncs), "
            "N > 1 keeps them on the device (sfc.train.guard); auto: 1 on the CPU, 50 on CUDA")
@@ -159,12 +163,20 @@ def fastest_pipeline(res: dict, paths) -> dict:
 
 def _fastest(rows: list[dict]) -> dict:
     """`measure.pipeline_estimate` from the fastest row per stage kind (evaluation from the
-    fastest row that measured it), with the configuration each kind took."""
+    fastest row that measured it), with the configuration each kind took. A row of 2
+    processes side by side counts for the kinds whose runs come in pairs (update and
+    reference): each run of the pair is charged half the pair's time."""
     step, ev, configs = {}, {}, {}
     for r in rows:
-        k = r["kind"]
-        if r["step_s"] < step.get(k, float("inf")):
-            step[k], configs[k] = r["step_s"], report.config_label(r)
+        k, n = r["kind"], r.get("side_by_side") or 1
+        if n == 1:
+            s, label = r["step_s"], report.config_label(r)
+        elif n == 2 and k in measure.PAIRED_KINDS:
+            s, label = r["step_s"] / 2, report.config_label(r) + " (each run: half the pair's)"
+        else:
+            continue
+        if s < step.get(k, float("inf")):
+            step[k], configs[k] = s, label
         if r.get("eval_s_per_image") is not None:
             ev[k] = min(ev.get(k, float("inf")), r["eval_s_per_image"])
     out = measure.pipeline_estimate(step, ev)
@@ -231,6 +243,15 @@ def main(argv=None) -> int:
                         f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
                         f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
                     _keep(res, "stages", rec, args)
+                    if args.side_by_side >= 2:
+                        log(f"[bench] {name}, {args.side_by_side} processes side by side ...")
+                        rec = run.measure_side_by_side(
+                            kind, bc, args.side_by_side, args.iters, args.warmup, ckpt_dir,
+                            {"cudnn_benchmark": args.cudnn_benchmark,
+                             "aspp_impl": args.aspp_impl, "threads": args.threads}, log=log)
+                        log(f"[bench] {name} ×{args.side_by_side}: " + ", ".join(
+                            f"{t * 1e3:.1f}" for t in rec["step_s_each"]) + " ms/step")
+                        _keep(res, "stages", rec, args)
             for graph in graph_modes:
                 # eager rows; with graph rows: the faster of the two per kind (SFM: eager)
                 mine = [r for r in res["stages"]

@@ -29,6 +29,9 @@ PIPELINE = (
     ("SFC/stage_one reference", "segnet_sfc", 120_000, 2000, 500),
     ("SFC/stage_two", "accel_sfc", 160_000, 2000, 500),
 )
+# the kinds whose runs come in pairs (update, reference): independent, so they can run at once
+PAIRED_KINDS = tuple(k for k in dict.fromkeys(r[1] for r in PIPELINE)
+                     if sum(r[1] == k for r in PIPELINE) == 2)
 
 
 def sync(device: torch.device) -> None:

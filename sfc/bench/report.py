@@ -39,7 +39,8 @@ def config_label(r: dict) -> str:
     return (r["precision"] + (" cl" if r.get("channels_last") else "")
             + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
             + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
-            + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), ""))
+            + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), "")
+            + (f" ×{r['side_by_side']} side by side" if r.get("side_by_side") else ""))
 
 
 def counts_cell(c: dict | None) -> str:

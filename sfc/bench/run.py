@@ -16,10 +16,11 @@ REF_RTOL = 1e-4  # loss equality of project vs release-style reference, float32
 
 def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
                   eval_images: int = 2, flops: bool = True, ckpt_dir=None, log=print,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, barrier=None) -> dict:
     """Median training-iteration time, peak memory, FLOP/step and TFLOP/s, and the per-image
     validation time of one stage kind; with `profile` the profiler's counts of one iteration
-    (kernels, launches, host syncs: `measure.profile_counts`)."""
+    (kernels, launches, host syncs: `measure.profile_counts`). `barrier`: waited on after the
+    warm-up, before the timed iterations (`measure_side_by_side`)."""
     dev = torch.device(bc.device)
     stage = steps.build(kind, bc, ckpt_dir=ckpt_dir)
     src, tgt = steps.make_batches(kind, bc, seed=bc.seed)
@@ -36,6 +37,8 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     # workspaces up to the free memory in the first steps (137 GiB seen on an H200); a graph
     # runner's eager warm-up and capture too
     measure.time_calls(step, 0, max(warmup, runner.calls_to_capture if runner else 0), dev)
+    if barrier is not None:
+        barrier.wait(timeout=SIDE_BY_SIDE_TIMEOUT_S)
     with measure.memory_block(dev) as mem:
         times = measure.time_calls(step, iters, 0, dev)
     s = measure.median(times)
@@ -60,6 +63,70 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "peak_mem_kind": "cuda_max_allocated" if dev.type == "cuda" else "rss_sampled",
            "eval_s_per_image": eval_s, "counts": counts,
            "loss_terms": {k: float(v) for k, v in state["terms"].items()}}
+    return rec
+
+
+SIDE_BY_SIDE_TIMEOUT_S = 600.0
+
+
+def _side_by_side_worker(kind, bc, iters, warmup, ckpt_dir, settings, barrier, queue, rank):
+    """One of the processes of `measure_side_by_side` (spawned: its own CUDA context, as a
+    second training job has)."""
+    try:
+        from sfc.models.aspp_gemm import set_aspp_impl
+
+        torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
+        set_aspp_impl(settings["aspp_impl"])
+        if settings.get("threads"):
+            torch.set_num_threads(settings["threads"])
+        rec = measure_stage(kind, bc, iters, warmup, eval_images=0, flops=False,
+                            ckpt_dir=ckpt_dir, barrier=barrier)
+        queue.put({"rank": rank, "rec": rec})
+    except BaseException as e:  # noqa: BLE001 - reported by the parent, with the others stopped
+        barrier.abort()
+        queue.put({"rank": rank, "error": f"{type(e).__name__}: {e}"})
+
+
+def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, warmup: int,
+                         ckpt_dir, settings: dict, log=print) -> dict:
+    """`n` processes training the same stage kind on one device at once, as the update and
+    reference runs of a stage one can (independent runs, each its own process): each builds,
+    warms up, waits for the others, then times `iters` iterations. The row's `step_s` is the
+    slowest process's median (the pair is done when both are), `step_s_each` every process's."""
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    if n < 2:
+        raise ValueError(f"side by side needs at least 2 processes, got {n}")
+    if not (Path(ckpt_dir) / "sfm.pth").is_file():  # written once, not raced by the workers
+        steps.write_input_checkpoints(Path(ckpt_dir), bc)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_side_by_side_worker, daemon=True,
+                         args=(kind, bc, iters, warmup, str(ckpt_dir), settings, barrier,
+                               queue, r)) for r in range(n)]
+    for p in procs:
+        p.start()
+    got = []
+    try:
+        for _ in range(n):
+            got.append(queue.get(timeout=SIDE_BY_SIDE_TIMEOUT_S))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    errors = [f"process {g['rank']}: {g['error']}" for g in got if "error" in g]
+    if errors:
+        raise RuntimeError(f"side-by-side {kind}: " + "; ".join(errors))
+    recs = [g["rec"] for g in sorted(got, key=lambda g: g["rank"])]
+    each = [r["step_s"] for r in recs]
+    rec = dict(recs[0])
+    rec.update({"side_by_side": n, "step_s": max(each), "step_s_each": each,
+                "step_times_s": [r["step_times_s"] for r in recs],
+                "peak_mem_bytes": max(r["peak_mem_bytes"] for r in recs), "opt_s": None,
+                "counts": None, "loss_terms": {}})
     return rec
 
 

@@ -25,7 +25,8 @@ cost. What it takes, and how this module provides it:
 Not supported, each refused up front with the reason (`unsupported`): the CPU; several
 processes (DDP's communication is not captured here); the SFM stage (each step reads on the
 host which label classes its batch holds); the flownet stage (Adam: not prepared for capture);
-`--check-every 1` (reads each check on the host). Numerics: the same step, except the SGD update
+`--check-every 1` (reads each check on the host); `--compile reduce-overhead` (its own CUDA
+graphs would be captured inside this one). Numerics: the same step, except the SGD update
 `p − (lr·d)` with a tensor LR (`use_lr_tensors`: within float32 rounding of the eager step, not
 bit-identical); warm-up and replays use the same update, so a resumed run follows the same
 program as an uninterrupted one.
@@ -56,6 +57,9 @@ def unsupported(cfg, device: torch.device, world_size: int = 1) -> str | None:
                "flownet": "its Adam step is not prepared for capture"}.get(cfg.stage, "")
         return (f"--cuda-graph applies to the segnet and accel stages, not {cfg.stage}"
                 + (f" ({why})" if why else ""))
+    if getattr(cfg, "compile", "none") == "reduce-overhead":
+        return ("--cuda-graph with --compile reduce-overhead: both capture CUDA graphs (one "
+                "inside the other); use --compile default or none with it")
     if resolve_every(getattr(cfg, "check_every", "auto"), device) == 1:
         return ("--cuda-graph needs the deferred finiteness checks (--check-every N > 1 or "
                 "auto); --check-every 1 reads every check on the host")
