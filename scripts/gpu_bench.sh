@@ -11,11 +11,11 @@
 #      (--check-every 50, the CUDA default), per stage kind an eager row and a --cuda-graph
 #      row (the whole iteration as one CUDA graph; the SFM eager): FLOPs, evaluation, counts 150
 #   3. the same in bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD; counts              100
-#   4. release-style reference vs project (SFC stage one), fp32                              30
+#   4. release-style reference vs project (SFC stage one), fp32, the project eager and graph 45
 #   5. SFC stage one, fp32, eager and graph, alone and 2 processes side by side (as its
 #      update and reference runs can train at once); then the pipeline from the fastest row
 #      per stage kind of parts 2-5                                                          90
-# (limits sum to 450 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
+# (limits sum to 465 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
 # read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
 # against 154.1 fp32 eager, 86-100 s of compilation); the loaders (8 workers: 27-59 samples/s,
@@ -45,7 +45,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(80 150 100 30 90)
+  T=(80 150 100 45 90)
   PYTEST_MARK="cuda"
 fi
 NOEVAL=(--no-flops --eval-images 0)
@@ -85,7 +85,7 @@ part bench_bf16 "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@
   "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph both \
   --profile-counts --json "$OUT/bench_bf16.json"
 part reference "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
-  --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" \
+  --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph both \
   --json "$OUT/bench_reference.json"
 part side_by_side "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph both --stages segnet_sfc \

@@ -261,9 +261,12 @@ def main(argv=None) -> int:
                         = _fastest(mine)
             _write(res, args.json)
         if args.reference:
-            bc = config("fp32")
-            for kind in args.reference_stages:
-                log(f"[bench] reference {kind} fp32 source {src} target {tgt} ...")
+            for kind, graph in ((k, g) for k in args.reference_stages for g in graph_modes):
+                if graph and kind == "sfm" and False in graph_modes:
+                    continue  # not captured: its eager row is the one
+                bc = config("fp32", cuda_graph=graph)
+                log(f"[bench] reference {kind} fp32{' graph' if graph else ''} source {src} "
+                    f"target {tgt} ...")
                 rec = run.measure_reference(kind, bc, args.reference_iters or args.iters,
                                             args.warmup, ckpt_dir=ckpt_dir, log=log)
                 log(f"[bench] reference {kind}: project {rec['project_step_s'] * 1e3:.1f} ms, "

@@ -96,7 +96,7 @@ def reference_table(refs: list[dict]) -> str:
                                                            "reference_step_extra_mem_bytes"))
         kind = r["kind"] + ("" if r.get("source_prev_forward", True) or r["kind"] == "sfm"
                             else " (project: --no-source-prev-forward)")
-        rows.append([kind, r["precision"],
+        rows.append([kind, config_label(r),
                      "{}×{} / {}×{}".format(*r["source_size"], *r["target_size"]),
                      _f(r["project_step_s"] * 1e3, ".1f"), _f(r["reference_step_s"] * 1e3, ".1f"),
                      _f(r["speedup"], ".2f") + "×",

@@ -168,6 +168,9 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     dev = torch.device(bc.device)
     stage = steps.build(kind, bc, ckpt_dir=ckpt_dir)
     ref = REFERENCES[kind](stage)  # deep copies taken before any step
+    runner = steps.graph_runner(kind, stage, bc)  # --cuda-graph: the project's step replayed
+    if runner is not None:
+        warmup = max(warmup, runner.calls_to_capture)  # the eager warm-up and the capture
     src, tgt = steps.make_batches(kind, bc, seed=bc.seed)
     t_proj, t_ref, m_proj, m_ref, diffs, first = [], [], [], [], [], None
     def one(who: str, i: int) -> tuple[dict, float, int | None]:
@@ -177,7 +180,7 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
             measure.sync(dev)
             t0 = time.perf_counter()
             terms = (ref.step(src, tgt, i) if who == "ref"
-                     else steps.train_iteration(stage, src, tgt, i))
+                     else steps.train_iteration(stage, src, tgt, i, runner=runner))
             terms = {k: float(v) for k, v in terms.items()}  # deferred checks: device tensors
             measure.sync(dev)
             t = time.perf_counter() - t0
@@ -201,6 +204,8 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     equal = all(math.isfinite(d) and d <= REF_RTOL for d in diffs)
     sp, sr = measure.median(t_proj), measure.median(t_ref)
     return {"kind": kind, "precision": bc.precision, "source_size": list(bc.source_size),
+            "cuda_graph": (False if runner is None else
+                           True if dev.type == "cuda" else "emulated"),
             "source_prev_forward": bc.source_prev_forward, "threads": torch.get_num_threads(),
             "target_size": list(bc.target_size), "project_step_s": sp, "reference_step_s": sr,
             "project_times_s": t_proj, "reference_times_s": t_ref,
