@@ -130,10 +130,24 @@ def _meta(args) -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(),
             "device": dev, "device_name": name, "threads": torch.get_num_threads(),
+            "host_cpu": _host_cpu(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "aspp_impl": args.aspp_impl,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
+
+
+def _host_cpu() -> str:
+    """The host CPU's model and core count: at batch 1 the CPU launches every kernel, so a GPU
+    step time can depend on it (compare runs on different hosts with care)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} CPUs)"
 
 
 def _rows(res: dict, paths) -> list[dict]:

@@ -126,7 +126,8 @@ def loader_table(lo: dict) -> str:
 
 def full_report(res: dict) -> str:
     m = res["meta"]
-    parts = [f"sfc.bench — {m['date']} — {m['device_name']} — torch {m['torch']} — "
+    host = f" — host {m['host_cpu']}" if m.get("host_cpu") and m.get("device") == "cuda" else ""
+    parts = [f"sfc.bench — {m['date']} — {m['device_name']}{host} — torch {m['torch']} — "
              f"{m['threads']} threads — load average {m['loadavg']}"]
     if res.get("stages"):
         parts.append(stage_table(res["stages"]))
