@@ -342,3 +342,27 @@ def test_side_by_side_processes_each_report_their_steps(tmp_path):
     assert len(pair["step_s_each"]) == 2 and all(t > 0 for t in pair["step_s_each"])
     assert pair["step_s"] == max(pair["step_s_each"])
     assert [len(t) for t in pair["step_times_s"]] == [2, 2]
+
+
+def test_a_failed_row_is_reported_and_the_others_still_measured(tmp_path, monkeypatch, capsys):
+    """A row that raises (here every --cuda-graph runner, as a failed capture would) is logged
+    with its error and kept in "errors"; the rows after it are measured; exit status 1."""
+    def broken(kind, stage, bc):
+        if bc.cuda_graph and kind != "sfm":
+            raise RuntimeError("capture failed")
+        return None
+
+    monkeypatch.setattr(steps, "graph_runner", broken)
+    path = tmp_path / "b.json"
+    rc = bench_main(["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+                     "--width", "8", "--iters", "1", "--warmup", "0", "--eval-images", "0",
+                     "--no-flops", "--threads", "1", "--stages", "segnet", "sfm",
+                     "--check-every", "5", "--cuda-graph", "both", "--json", str(path)])
+    assert rc == 1
+    res = json.loads(path.read_text())
+    assert [(r["kind"], r["cuda_graph"]) for r in res["stages"]] == [("segnet", False),
+                                                                      ("sfm", False)]
+    assert res["errors"] == [{"row": "segnet fp32 graph", "error": "RuntimeError: capture failed"}]
+    captured = capsys.readouterr()
+    assert "segnet fp32 graph: FAILED: RuntimeError: capture failed" in captured.out
+    assert "* segnet fp32 graph: RuntimeError: capture failed" in captured.out

@@ -198,6 +198,23 @@ def _fastest(rows: list[dict]) -> dict:
     return out
 
 
+def _attempt(res: dict, name: str, say, measure_row, *args, **kwargs):
+    """One row's measurement, `measure_row(*args, **kwargs)`; an error is logged with its
+    traceback, kept in `res["errors"]`, and the benchmark goes on with the next row (a failed
+    `--cuda-graph` capture must not cost the rows after it). Returns the row or None."""
+    import traceback
+
+    try:
+        return measure_row(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
+        say(f"[bench] {name}: FAILED: {type(e).__name__}: {e}\n"
+            + "".join(traceback.format_exc().splitlines(True)[-30:]))
+        res.setdefault("errors", []).append({"row": name,
+                                             "error": f"{type(e).__name__}: {e}"})
+        run.release_memory(res["meta"]["device"])
+        return None
+
+
 def _keep(res: dict, key: str, rec: dict, args) -> None:
     """Add one measured row, free its networks, write the JSON so far (a part cut short by
     its time limit keeps what it measured)."""
@@ -250,19 +267,26 @@ def main(argv=None) -> int:
                                 cuda_graph=graph)
                     name = f"{kind} {prec}{' graph' if graph else ''}"
                     log(f"[bench] {name} source {src} target {tgt} ...")
-                    rec = run.measure_stage(kind, bc, args.iters, args.warmup,
-                                            args.eval_images, args.flops, ckpt_dir=ckpt_dir,
-                                            log=log, profile=args.profile_counts)
+                    rec = _attempt(res, name, log, run.measure_stage,
+                                   kind, bc, args.iters, args.warmup, args.eval_images,
+                                   args.flops, ckpt_dir=ckpt_dir, log=log,
+                                   profile=args.profile_counts)
+                    if rec is None:
+                        continue
                     log(f"[bench] {name}: {rec['step_s'] * 1e3:.1f} ms/step, "
                         f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
                         f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
                     _keep(res, "stages", rec, args)
                     if args.side_by_side >= 2:
                         log(f"[bench] {name}, {args.side_by_side} processes side by side ...")
-                        rec = run.measure_side_by_side(
-                            kind, bc, args.side_by_side, args.iters, args.warmup, ckpt_dir,
-                            {"cudnn_benchmark": args.cudnn_benchmark,
-                             "aspp_impl": args.aspp_impl, "threads": args.threads}, log=log)
+                        rec = _attempt(res, f"{name} ×{args.side_by_side}", log,
+                                       run.measure_side_by_side, kind, bc, args.side_by_side,
+                                       args.iters, args.warmup, ckpt_dir,
+                                       {"cudnn_benchmark": args.cudnn_benchmark,
+                                        "aspp_impl": args.aspp_impl, "threads": args.threads},
+                                       log=log)
+                        if rec is None:
+                            continue
                         log(f"[bench] {name} ×{args.side_by_side}: " + ", ".join(
                             f"{t * 1e3:.1f}" for t in rec["step_s_each"]) + " ms/step")
                         _keep(res, "stages", rec, args)
@@ -281,8 +305,12 @@ def main(argv=None) -> int:
                 bc = config("fp32", cuda_graph=graph)
                 log(f"[bench] reference {kind} fp32{' graph' if graph else ''} source {src} "
                     f"target {tgt} ...")
-                rec = run.measure_reference(kind, bc, args.reference_iters or args.iters,
-                                            args.warmup, ckpt_dir=ckpt_dir, log=log)
+                rec = _attempt(res, f"reference {kind}{' graph' if graph else ''}", log,
+                               run.measure_reference, kind, bc,
+                               args.reference_iters or args.iters, args.warmup,
+                               ckpt_dir=ckpt_dir, log=log)
+                if rec is None:
+                    continue
                 log(f"[bench] reference {kind}: project {rec['project_step_s'] * 1e3:.1f} ms, "
                     f"release-style {rec['reference_step_s'] * 1e3:.1f} ms, "
                     f"speed-up {rec['speedup']:.2f}x, losses equal: {rec['losses_equal']}")
@@ -296,6 +324,10 @@ def main(argv=None) -> int:
                                          log=log)
         _write(res, args.json)
     print(report.full_report(res), flush=True)
+    if res.get("errors"):
+        print("ERROR: rows that failed (the others were measured): " + "; ".join(
+            f"{e['row']}: {e['error']}" for e in res["errors"]), file=sys.stderr)
+        return 1
     bad = [r["kind"] for r in res["reference"] if not r["losses_equal"]]
     if bad:
         print(f"ERROR: release-style reference losses differ from the project's for {bad}",

@@ -140,6 +140,9 @@ def full_report(res: dict) -> str:
     if res.get("reference"):
         parts.append("Release-style reference vs project (lockstep, same batches):\n\n"
                      + reference_table(res["reference"]))
+    if res.get("errors"):
+        parts.append("Rows that failed (see the log for each traceback):\n\n" + "\n".join(
+            f"* {e['row']}: {e['error']}" for e in res["errors"]))
     if res.get("loaders"):
         parts.append("Loaders (native-size synthetic files, faithful training sizes):\n\n"
                      + loader_table(res["loaders"]))
