@@ -216,6 +216,7 @@ def test_bench_cuda_graph_both_gives_an_eager_and_a_graph_row(tmp_path):
     graph_row = res["stages"][1]
     assert report.config_label(graph_row) == "fp32 checks/5 graph (emulated)"
     assert graph_row["opt_s"] is None and graph_row["loss_terms"]["seg"] > 0
+    assert graph_row["capture_s"] > 0 and res["stages"][0]["capture_s"] is None
     pipe = res["pipeline"]
     assert set(pipe) == {"fp32", "fp32, fastest with --cuda-graph"}
     fast = min(r["step_s"] for r in res["stages"] if r["kind"] == "segnet")

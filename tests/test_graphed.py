@@ -228,6 +228,7 @@ def test_engine_runs_the_runner_and_resumes_exactly(emulated, tiny_data, tmp_pat
     assert run(tmp_path / "resumed", "--cuda-graph") == 0
     log = (tmp_path / "graph" / "log.txt").read_text()
     assert "--cuda-graph: the iteration is captured as one CUDA graph after 3 eager" in log
+    assert "iteration 4: CUDA graph captured in " in log
     m = {k: runio.load_checkpoint(tmp_path / k / "last.pt")["models"]["segnet"]
          for k in ("eager", "graph", "resumed")}
     for name, v in m["eager"].items():

@@ -56,6 +56,7 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "compile": bc.compile, "check_every": stage.guard.every,
            "cuda_graph": (False if runner is None else
                           True if dev.type == "cuda" else "emulated"),
+           "capture_s": runner.capture_s if runner is not None else None,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
            "tflops_per_s": (n_flops / s / 1e12 if n_flops and s > 0 else None),

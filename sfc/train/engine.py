@@ -525,7 +525,11 @@ class Trainer:
             lr = stage.set_iteration_lr(i)
             try:
                 if self.graphed is not None:  # deferred checks: nothing raised in the step
+                    was = self.graphed.captured
                     terms = self.graphed(i, batch)
+                    if not was and self.graphed.captured:
+                        self.log.info(f"iteration {i + 1}: CUDA graph captured in "
+                                      f"{self.graphed.capture_s:.1f} s; replayed from here")
                 else:
                     stage.optimizer.zero_grad(set_to_none=True)
                     terms = stage.train_step(*batch)

@@ -35,6 +35,7 @@ program as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -163,6 +164,7 @@ class GraphedStep:
         self.warm_done = 0
         self.static = None  # the batch the graph reads (after the capture)
         self.terms = None  # the loss terms the graph writes
+        self.capture_s: float | None = None  # seconds the capture took
 
     @property
     def captured(self) -> bool:
@@ -190,7 +192,9 @@ class GraphedStep:
         if not self.captured:
             self.static = _clone(batch)
             static = self.static
+            t0 = time.perf_counter()
             self.terms = self.backend.capture(lambda: self._body(*static))
+            self.capture_s = time.perf_counter() - t0
             if self.backend.executes_capture:
                 return self.terms
         else:
