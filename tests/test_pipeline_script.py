@@ -1,0 +1,120 @@
+"""`exp/pipeline.sh`: the seven stage scripts in order, the stage-one pairs one after the other
+or side by side (SIDE_BY_SIDE=1), the first failure's status, a stop passed on to the runs.
+`sfc.train` is replaced by a stub (PYTHON) that logs when each run starts and ends and writes
+its best.pt; the stage scripts themselves are the real ones (tests/test_scripts.py)."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ORDER = ["FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
+         "FlowNet_pretrain/stage_two/train", "SFM/train", "SFC/stage_one/update",
+         "SFC/stage_one/reference", "SFC/stage_two/train"]
+
+STUB = r"""#!/usr/bin/env bash
+# stands in for `python -m sfc.train`: logs start/end (or the signal), writes best.pt
+out=""; prev=""
+for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
+name="${out#"$SFC_OUT"/viper/}"
+trap 'echo "signal $name" >> "$STUB_LOG"; exit 143' TERM
+echo "start $name $(date +%s.%N)" >> "$STUB_LOG"
+sleep "${STUB_SLEEP:-0.3}" & wait $!
+echo "end $name $(date +%s.%N)" >> "$STUB_LOG"
+[[ "${STUB_FAIL:-}" == "$name" ]] && exit 3
+mkdir -p "$out" && touch "$out/best.pt"
+"""
+
+
+def _env(tmp_path, **kw):
+    stub = tmp_path / "stub.sh"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("LAUNCH", "SOURCE", "DRY_RUN")}
+    env.update(SFC_OUT=str(tmp_path / "out"), SFC_DATA=str(tmp_path / "data"),
+               SFC_WEIGHTS=str(tmp_path / "weights"), PYTHON=str(stub),
+               STUB_LOG=str(tmp_path / "log.txt"), **kw)
+    return env
+
+
+ARGS = ["--imagenet-init", "none", "--chairs-init", "none"]
+
+
+def _pipeline(tmp_path, **env):
+    proc = subprocess.run(["bash", str(REPO / "exp" / "pipeline.sh"), *ARGS],
+                          capture_output=True, text=True, env=_env(tmp_path, **env),
+                          timeout=120)
+    return proc, _log(tmp_path)
+
+
+def _log(tmp_path):
+    p = tmp_path / "log.txt"
+    rows = [ln.split() for ln in p.read_text().splitlines()] if p.is_file() else []
+    return [(r[0], r[1], float(r[2]) if len(r) > 2 else None) for r in rows]
+
+
+def test_runs_in_order_one_after_the_other(tmp_path):
+    proc, log = _pipeline(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [name for what, name, _ in log if what == "start"] == ORDER
+    assert [what for what, _, _ in log] == ["start", "end"] * 7  # never two at once
+    assert "== pipeline: done" in proc.stderr
+
+
+def test_side_by_side_overlaps_each_stage_one_pair_only(tmp_path):
+    proc, log = _pipeline(tmp_path, SIDE_BY_SIDE="1", STUB_SLEEP="1")
+    assert proc.returncode == 0, proc.stderr
+    t = {(what, name): at for what, name, at in log}
+    for stage in ("FlowNet_pretrain/stage_one", "SFC/stage_one"):
+        u, r = f"{stage}/update", f"{stage}/reference"
+        assert t[("start", r)] < t[("end", u)] and t[("start", u)] < t[("end", r)]
+    for before, after in (("FlowNet_pretrain/stage_one/reference",
+                           "FlowNet_pretrain/stage_two/train"),
+                          ("FlowNet_pretrain/stage_one/update",
+                           "FlowNet_pretrain/stage_two/train"),
+                          ("SFM/train", "SFC/stage_one/update"),
+                          ("SFC/stage_one/update", "SFC/stage_two/train"),
+                          ("SFC/stage_one/reference", "SFC/stage_two/train")):
+        assert t[("end", before)] <= t[("start", after)]
+
+
+def test_a_failure_stops_the_pipeline_with_its_status(tmp_path):
+    for side in ("0", "1"):
+        (tmp_path / side).mkdir()
+        proc, log = _pipeline(tmp_path / side, SIDE_BY_SIDE=side,
+                              STUB_FAIL="SFC/stage_one/reference")
+        assert proc.returncode == 3
+        assert "SFC/stage_one/script/reference.sh exited 3; stopping" in proc.stderr
+        started = [name for what, name, _ in log if what == "start"]
+        assert started == ORDER[:6] or sorted(started) == sorted(ORDER[:6])
+        assert ("end", "SFC/stage_one/update") in [(w, n) for w, n, _ in log]
+
+
+def test_a_stop_reaches_both_runs_of_a_pair(tmp_path):
+    """SIGTERM to the pipeline while the first pair trains side by side: both runs get it
+    (their own process groups, through the trap), the pipeline waits for both, exits with
+    their status and starts nothing more."""
+    env = _env(tmp_path, SIDE_BY_SIDE="1", STUB_SLEEP="30")
+    proc = subprocess.Popen(["bash", str(REPO / "exp" / "pipeline.sh"), *ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while sum(w == "start" for w, _, _ in _log(tmp_path)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    log = _log(tmp_path)
+    assert sorted(n for w, n, _ in log if w == "signal") == sorted(ORDER[:2])
+    assert [n for w, n, _ in log if w == "start"] == ORDER[:2] or \
+        sorted(n for w, n, _ in log if w == "start") == sorted(ORDER[:2])
+
+
+def test_dry_run_prints_the_seven_commands(tmp_path):
+    proc, log = _pipeline(tmp_path, DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    outs = [ln.split("--out ")[1].split()[0] for ln in proc.stdout.splitlines()
+            if ln.startswith("+ ")]
+    assert [o.split("/viper/", 1)[1] for o in outs] == ORDER
+    assert log == []  # nothing ran
