@@ -120,8 +120,14 @@ run_train() {
   # 128 + signal when stopped by a signal with last.pt saved)
   local status_file rc=0 st
   status_file="$(mktemp "${TMPDIR:-/tmp}/sfc-status.XXXXXX")"
+  # The job signals go to the whole process group or job step (Ctrl-C, SLURM): this shell
+  # must outlive them and wait for sfc.train, which saves last.pt first (a shell killed by
+  # them would end a SLURM step while the save is still running). A no-op trap, not a
+  # forward: sfc.train gets the signal itself, and a second one would stop it at once.
+  trap ':' INT TERM USR1
   SFC_STATUS_FILE="$status_file" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" \
     || rc=$?
+  trap - INT TERM USR1
   st="$(sed -n 's/^ *"exit_status": *\([0-9][0-9]*\).*/\1/p' "$status_file" | head -n 1)"
   rm -f "$status_file"
   [[ -n "$st" ]] && rc="$st"

@@ -9,24 +9,15 @@
 #                   one after the other. Whether that is faster on your GPU: sfc.bench
 #                   --side-by-side 2 (docs/benchmark.md).
 # Run the same command again after a stop: finished runs exit at once ("already finished"),
-# an interrupted one resumes. A stop of the pipeline (Ctrl-C, SIGTERM, SIGUSR1) is passed to
-# the runs in progress, which save last.pt and exit. Exit status: that of the first run that
-# fails (of a pair: the update's if both fail); the runs after it do not start.
+# an interrupted one resumes. Stop it as a run: a signal to its whole process group (Ctrl-C;
+# `kill -TERM -- -PGID`) or SLURM job step reaches the runs in progress, which save last.pt;
+# this script waits for them. Exit status: that of the first run that fails (of a pair: the
+# update's if both fail); the runs after it do not start.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SIDE_BY_SIDE="${SIDE_BY_SIDE:-0}"
-RUNNING=()
-
-# Each run is a job of its own process group (job control on), so that a stop reaches the
-# whole run — its stage script and sfc.train below it — through the trap, once.
-set -m
-stop() {  # pass the signal on to every run in progress
-  local pid
-  for pid in "${RUNNING[@]}"; do kill "-$1" -- "-$pid" 2>/dev/null || true; done
-}
-trap 'stop INT' INT
-trap 'stop TERM' TERM
-trap 'stop USR1' USR1
+# outlive the job signals and wait for the runs (they get the signals themselves)
+trap ':' INT TERM USR1
 
 wait_for() {  # wait_for PID : its exit status, also when a trapped signal interrupts the wait
   local rc
@@ -37,44 +28,44 @@ wait_for() {  # wait_for PID : its exit status, also when a trapped signal inter
   done
 }
 
-run() {  # run SCRIPT... -- ARGS : the stage scripts at once; stop with the first failure
-  local -a scripts=() pids=() codes=()
-  while [[ "$1" != "--" ]]; do scripts+=("$1"); shift; done
-  shift
-  echo "== pipeline: ${scripts[*]}" >&2
-  local s i rc
-  for s in "${scripts[@]}"; do
-    bash "$HERE/$s" "$@" &
-    pids+=("$!")
-  done
-  RUNNING=("${pids[@]}")
-  for i in "${!pids[@]}"; do
-    rc=0
-    wait_for "${pids[$i]}" || rc=$?
-    codes+=("$rc")
-  done
-  RUNNING=()
-  for i in "${!codes[@]}"; do
-    if (( codes[i] != 0 )); then
-      echo "== pipeline: ${scripts[$i]} exited ${codes[$i]}; stopping" >&2
-      exit "${codes[$i]}"
-    fi
-  done
-}
-
-pair() {  # pair DIR ARGS... : DIR/update.sh and DIR/reference.sh, side by side or in turn
-  local dir="$1"; shift
-  if [[ "$SIDE_BY_SIDE" == 1 ]]; then
-    run "$dir/update.sh" "$dir/reference.sh" -- "$@"
-  else
-    run "$dir/update.sh" -- "$@"
-    run "$dir/reference.sh" -- "$@"
+stop_if_failed() {  # stop_if_failed SCRIPT STATUS
+  if (( $2 != 0 )); then
+    echo "== pipeline: $1 exited $2; stopping" >&2
+    exit "$2"
   fi
 }
 
+one() {  # one SCRIPT ARGS... : a stage script in the foreground
+  local script="$1" rc=0
+  shift
+  echo "== pipeline: $script" >&2
+  bash "$HERE/$script" "$@" || rc=$?
+  stop_if_failed "$script" "$rc"
+}
+
+pair() {  # pair DIR ARGS... : DIR/update.sh and DIR/reference.sh, side by side or in turn
+  local dir="$1"
+  shift
+  if [[ "$SIDE_BY_SIDE" != 1 ]]; then
+    one "$dir/update.sh" "$@"
+    one "$dir/reference.sh" "$@"
+    return
+  fi
+  echo "== pipeline: $dir/update.sh and $dir/reference.sh side by side" >&2
+  local a b ra=0 rb=0
+  bash "$HERE/$dir/update.sh" "$@" &
+  a=$!
+  bash "$HERE/$dir/reference.sh" "$@" &
+  b=$!
+  wait_for "$a" || ra=$?
+  wait_for "$b" || rb=$?
+  stop_if_failed "$dir/update.sh" "$ra"
+  stop_if_failed "$dir/reference.sh" "$rb"
+}
+
 pair FlowNet_pretrain/stage_one/script "$@"
-run FlowNet_pretrain/stage_two/script/train.sh -- "$@"
-run SFM/script/train.sh -- "$@"
+one FlowNet_pretrain/stage_two/script/train.sh "$@"
+one SFM/script/train.sh "$@"
 pair SFC/stage_one/script "$@"
-run SFC/stage_two/script/train.sh -- "$@"
+one SFC/stage_two/script/train.sh "$@"
 echo "== pipeline: done" >&2

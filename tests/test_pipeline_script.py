@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 ORDER = ["FlowNet_pretrain/stage_one/update", "FlowNet_pretrain/stage_one/reference",
          "FlowNet_pretrain/stage_two/train", "SFM/train", "SFC/stage_one/update",
@@ -19,7 +21,11 @@ STUB = r"""#!/usr/bin/env bash
 out=""; prev=""
 for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
 name="${out#"$SFC_OUT"/viper/}"
-trap 'echo "signal $name" >> "$STUB_LOG"; exit 143' TERM
+stop() {  # as sfc.train: finish, save last.pt (a second), exit 128 + signal
+  echo "signal $name" >> "$STUB_LOG"; sleep 1; echo "saved $name" >> "$STUB_LOG"; exit "$1"
+}
+trap 'stop 143' TERM
+trap 'stop 138' USR1
 echo "start $name $(date +%s.%N)" >> "$STUB_LOG"
 sleep "${STUB_SLEEP:-0.3}" & wait $!
 echo "end $name $(date +%s.%N)" >> "$STUB_LOG"
@@ -92,23 +98,54 @@ def test_a_failure_stops_the_pipeline_with_its_status(tmp_path):
         assert ("end", "SFC/stage_one/update") in [(w, n) for w, n, _ in log]
 
 
-def test_a_stop_reaches_both_runs_of_a_pair(tmp_path):
-    """SIGTERM to the pipeline while the first pair trains side by side: both runs get it
-    (their own process groups, through the trap), the pipeline waits for both, exits with
-    their status and starts nothing more."""
-    env = _env(tmp_path, SIDE_BY_SIDE="1", STUB_SLEEP="30")
-    proc = subprocess.Popen(["bash", str(REPO / "exp" / "pipeline.sh"), *ARGS], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    while sum(w == "start" for w, _, _ in _log(tmp_path)) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143, err
-    log = _log(tmp_path)
-    assert sorted(n for w, n, _ in log if w == "signal") == sorted(ORDER[:2])
-    assert [n for w, n, _ in log if w == "start"] == ORDER[:2] or \
-        sorted(n for w, n, _ in log if w == "start") == sorted(ORDER[:2])
+def _stop_midway(tmp_path, script, starts, sig, **env):
+    """Start `script`, wait for `starts` runs to have started, signal its whole process group
+    (as Ctrl-C or a SLURM job step would), return (exit status, the log when it exited)."""
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as f:  # not a pipe: the runs' copies would hold it open after exit
+        proc = subprocess.Popen(["bash", str(REPO / "exp" / script), *ARGS],
+                                env=_env(tmp_path, STUB_SLEEP="30", **env),
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=f)
+        deadline = time.time() + 30
+        while (sum(w == "start" for w, _, _ in _log(tmp_path)) < starts
+               and time.time() < deadline):
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(timeout=30)
+    log = _log(tmp_path)  # read the moment the script exited
+    time.sleep(1.5)  # let any run it left behind finish before tmp_path goes
+    return rc, log, err.read_text()
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_stop_reaches_both_runs_of_a_pair_and_is_waited_for(tmp_path, sig, status):
+    """SIGTERM (a job's end) or SIGUSR1 (SLURM's time-limit signal; exp/slurm/job.sbatch
+    requeues on 138) to the process group while the first pair trains side by side: both runs
+    get it once and save, the pipeline exits only after both saved, with their status, and
+    starts nothing more."""
+    rc, log, err = _stop_midway(tmp_path, "pipeline.sh", 2, sig, SIDE_BY_SIDE="1")
+    assert rc == status, err
+    assert sorted(n for w, n, _ in log if w == "saved") == sorted(ORDER[:2])
+    assert sorted(n for w, n, _ in log if w == "signal") == sorted(ORDER[:2])  # once each
+    assert sorted(n for w, n, _ in log if w == "start") == sorted(ORDER[:2])
+
+
+def test_a_stop_in_turn_stops_the_run_in_progress_only(tmp_path):
+    rc, log, err = _stop_midway(tmp_path, "pipeline.sh", 1, signal.SIGTERM)
+    assert rc == 143, err
+    assert [(w, n) for w, n, _ in log] == [("start", ORDER[0]), ("signal", ORDER[0]),
+                                            ("saved", ORDER[0])]
+
+
+def test_a_stage_script_outlives_the_signal_until_its_run_saved(tmp_path):
+    """A stage script alone (exp/common.sh run_train) signalled with its run, as SLURM signals
+    every process of a job step: it does not die first — it exits after the run's save, with
+    the run's status (a shell that died first would end the SLURM step mid-save)."""
+    rc, log, err = _stop_midway(tmp_path, "FlowNet_pretrain/stage_one/script/update.sh", 1,
+                                signal.SIGUSR1)
+    assert rc == 138, err
+    assert [(w, n) for w, n, _ in log] == [("start", ORDER[0]), ("signal", ORDER[0]),
+                                            ("saved", ORDER[0])]
 
 
 def test_dry_run_prints_the_seven_commands(tmp_path):
