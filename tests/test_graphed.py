@@ -141,7 +141,7 @@ def lockstep(kind, backend, device="cpu", iters=6, warmup=2):
     return runner
 
 
-@pytest.mark.parametrize("kind", ["segnet_sfc", "accel_sfc"])
+@pytest.mark.parametrize("kind", ["segnet", "segnet_sfc", "accel", "accel_sfc"])
 def test_runner_follows_the_eager_iteration(kind):
     runner = lockstep(kind, graphed.EagerBackend())
     assert runner.warm_done == 2 and runner.calls_to_capture == 0
