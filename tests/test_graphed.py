@@ -173,6 +173,23 @@ def test_runner_rejects_another_shape_and_names_the_entry():
         steps.train_iteration(st, small, tgt, 2, runner=runner)
 
 
+def test_a_failed_capture_says_what_to_do():
+    class Broken(graphed.EagerBackend):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    from sfc.bench import steps
+
+    st, bc = _stage("segnet")
+    runner = graphed.GraphedStep(st, warmup=1, backend=Broken())
+    src, tgt = steps.make_batches("segnet", bc)
+    steps.train_iteration(st, src, tgt, 0, runner=runner)
+    with pytest.raises(RuntimeError, match=r"capturing iteration 2 failed \(RuntimeError: "
+                                           r"operation not permitted.*without --cuda-graph"):
+        steps.train_iteration(st, src, tgt, 1, runner=runner)
+    assert not runner.captured
+
+
 def test_nan_after_the_capture_is_found_and_discarded_stickily():
     nan_after_capture(graphed.EagerBackend())
 

@@ -190,10 +190,16 @@ class GraphedStep:
             self.warm_done += 1
             return terms
         if not self.captured:
-            self.static = _clone(batch)
-            static = self.static
+            static = _clone(batch)
             t0 = time.perf_counter()
-            self.terms = self.backend.capture(lambda: self._body(*static))
+            try:
+                self.terms = self.backend.capture(lambda: self._body(*static))
+            except Exception as e:
+                raise RuntimeError(
+                    f"--cuda-graph: capturing iteration {i + 1} failed ({type(e).__name__}: "
+                    f"{e}); last.pt holds the last evaluation's state — run again without "
+                    "--cuda-graph, and please report this with the log") from e
+            self.static = static
             self.capture_s = time.perf_counter() - t0
             if self.backend.executes_capture:
                 return self.terms
