@@ -367,3 +367,14 @@ def test_a_failed_row_is_reported_and_the_others_still_measured(tmp_path, monkey
     captured = capsys.readouterr()
     assert "segnet fp32 graph: FAILED: RuntimeError: capture failed" in captured.out
     assert "* segnet fp32 graph: RuntimeError: capture failed" in captured.out
+
+
+def test_side_by_side_reports_a_process_that_failed(tmp_path):
+    """A process that fails (here: an invalid thread count, before the barrier) is named with
+    its error, and the other is released from the barrier instead of waiting for it."""
+    from sfc.bench.run import measure_side_by_side
+
+    bc = steps.BenchConfig(source_size=(64, 32), target_size=(64, 32), **TINY)
+    with pytest.raises(RuntimeError, match=r"side-by-side segnet: process 0: .*set_num_threads"):
+        measure_side_by_side("segnet", bc, 2, 1, 0, tmp_path,
+                             {"cudnn_benchmark": False, "aspp_impl": "auto", "threads": -5})

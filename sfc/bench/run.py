@@ -94,6 +94,8 @@ def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, w
     reference runs of a stage one can (independent runs, each its own process): each builds,
     warms up, waits for the others, then times `iters` iterations. The row's `step_s` is the
     slowest process's median (the pair is done when both are), `step_s_each` every process's."""
+    import contextlib
+    import queue as queue_mod
     from pathlib import Path
 
     import torch.multiprocessing as mp
@@ -109,10 +111,27 @@ def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, w
                                queue, r)) for r in range(n)]
     for p in procs:
         p.start()
-    got = []
+    got, deadline = [], time.monotonic() + SIDE_BY_SIDE_TIMEOUT_S
     try:
-        for _ in range(n):
-            got.append(queue.get(timeout=SIDE_BY_SIDE_TIMEOUT_S))
+        while len(got) < n:
+            try:
+                got.append(queue.get(timeout=1.0))
+                continue
+            except queue_mod.Empty:
+                pass
+            gone = [r for r, p in enumerate(procs) if not p.is_alive()]
+            if gone:  # what a process sent before it ended may still be in transit
+                with contextlib.suppress(queue_mod.Empty):
+                    while True:
+                        got.append(queue.get(timeout=2.0))
+            done = {g["rank"] for g in got}
+            dead = [(r, procs[r].exitcode) for r in gone if r not in done]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.terminate()
+                why = (", ".join(f"process {r} ended with exit code {c} and no result"
+                                 for r, c in dead) or f"no result in {SIDE_BY_SIDE_TIMEOUT_S} s")
+                raise RuntimeError(f"side-by-side {kind}: {why}")
     finally:
         for p in procs:
             p.join(timeout=30)
