@@ -123,7 +123,7 @@ run_train() {
   # The job signals go to the whole process group or job step (Ctrl-C, SLURM): this shell
   # must outlive them and wait for sfc.train, which saves last.pt first (a shell killed by
   # them would end a SLURM step while the save is still running). A no-op trap, not a
-  # forward: sfc.train gets the signal itself, and a second one would stop it at once.
+  # forward: sfc.train gets the signal itself (a late second one would stop it at once).
   trap ':' INT TERM USR1
   SFC_STATUS_FILE="$status_file" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" \
     || rc=$?

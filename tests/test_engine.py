@@ -250,6 +250,44 @@ def test_sigint_saves_last_and_same_command_resumes(data_root, tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
 
 
+def _signals_in_iteration_1(monkeypatch, seconds_between):
+    """SIGTERM twice during iteration 1, `seconds_between` apart on the engine's clock."""
+    import signal
+
+    from sfc import losses
+    from sfc.train import engine
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(engine, "_clock", lambda: clock["t"])
+    real, calls = losses.seg_loss, {"n": 0}
+
+    def interrupting(logits, gt):
+        if isinstance(logits, tuple):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                clock["t"] += seconds_between
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(logits, gt)
+
+    monkeypatch.setattr(losses, "seg_loss", interrupting)
+
+
+def test_a_signal_delivered_twice_at_once_is_one_stop(data_root, tmp_path, monkeypatch):
+    """The job step's SIGTERM and a launcher's forward of it (torchrun) reach a worker within
+    moments: one stop, last.pt saved, exit 143 — not the second signal's give-up."""
+    _signals_in_iteration_1(monkeypatch, 0.05)
+    assert _segnet(data_root, tmp_path, "--iters", "2", "--eval-every", "2") == 143
+    assert runio.load_checkpoint(tmp_path / "last.pt")["iter"] == 1
+
+
+def test_a_second_signal_later_gives_up_at_once(data_root, tmp_path, monkeypatch):
+    _signals_in_iteration_1(monkeypatch, 5.0)
+    with pytest.raises(KeyboardInterrupt):
+        _segnet(data_root, tmp_path, "--iters", "2", "--eval-every", "2")
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_every_flag_has_help():
     for action in train.build_parser()._actions:
         assert action.help, action.option_strings

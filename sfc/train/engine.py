@@ -67,12 +67,20 @@ from sfc.train.streams import (
     worker_init,
 )
 
+# A second signal this soon after the first is the same stop delivered twice — the job step
+# signals every process and a launcher (torchrun) forwards the same signal to its workers —
+# not a request to give up at once.
+DUPLICATE_SIGNAL_S = 2.0
+_clock = time.monotonic
+
 
 class _Signals:
-    """SIGINT/SIGTERM/SIGUSR1 set a flag; the loop saves last.pt after the current iteration."""
+    """SIGINT/SIGTERM/SIGUSR1 set a flag; the loop saves last.pt after the current iteration.
+    A second signal more than DUPLICATE_SIGNAL_S after the first gives up at once."""
 
     def __init__(self):
         self.signum = 0
+        self._first_at = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -84,9 +92,11 @@ class _Signals:
         return self
 
     def _handler(self, signum, frame):
-        if self.signum:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum:
+            if _clock() - self._first_at < DUPLICATE_SIGNAL_S:
+                return  # the same stop, delivered twice
+            raise KeyboardInterrupt  # a second signal: give up at once
+        self.signum, self._first_at = signum, _clock()
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
