@@ -4,6 +4,7 @@
     python -m sfc.bench --device cuda --precision fp32 bf16 --channels-last --cudnn-benchmark
     python -m sfc.bench --stages segnet_sfc --reference --size 256 128 --iters 3 --warmup 1
     python -m sfc.bench --stages segnet --loaders --json out.json
+    python -m sfc.bench --device cuda --check-every 50 --cuda-graph both --side-by-side 2
 
 Sizes: CUDA defaults to the faithful 1280×720 source (VIPER) and 1024×512 target (Cityscapes);
 CPU to 256×128 for both. The table is printed and written next to the JSON (`.md`).
