@@ -378,3 +378,22 @@ def test_side_by_side_reports_a_process_that_failed(tmp_path):
     with pytest.raises(RuntimeError, match=r"side-by-side segnet: process 0: .*set_num_threads"):
         measure_side_by_side("segnet", bc, 2, 1, 0, tmp_path,
                              {"cudnn_benchmark": False, "aspp_impl": "auto", "threads": -5})
+
+
+def test_comparison_table_by_hand():
+    """Graph against eager, and a pair alone against side by side (2 × alone / the pair's
+    step), from rows of one run; kinds with nothing to compare are left out."""
+    def row(kind, step, graph=False, side=None):
+        return {"kind": kind, "precision": "fp32", "step_s": step, "cuda_graph": graph,
+                "side_by_side": side}
+
+    table = report.comparison_table([
+        row("segnet_sfc", 0.150), row("segnet_sfc", 0.200, side=2),
+        row("segnet_sfc", 0.075, True), row("segnet_sfc", 0.100, True, 2),
+        row("sfm", 0.020), row("accel", 0.060), row("accel", 0.040, True)])
+    lines = table.splitlines()
+    assert len(lines) == 4  # header, rule, segnet_sfc, accel
+    assert lines[2] == ("| segnet_sfc | fp32 | 150.0 | 75.0 | 2.00× | 200.0 | 1.50× | 100.0 "
+                        "| 1.50× |")
+    assert lines[3] == "| accel | fp32 | 60.0 | 40.0 | 1.50× | — | — | — | — |"
+    assert report.comparison_table([row("sfm", 0.02)]) == ""

@@ -9,6 +9,10 @@ def _f(x, fmt: str, none: str = "—") -> str:
     return none if x is None else format(x, fmt)
 
 
+def _times(x) -> str:
+    return _f(x, ".2f") + ("×" if x is not None else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -32,6 +36,43 @@ def stage_table(stages: list[dict]) -> str:
     return _table(["stage", "precision", "source / target (W×H)", "step ms (median)",
                    "of which optimiser ms", "TFLOP/step", "TFLOP/s", "peak mem GiB",
                    "eval ms/image", "kernels / launches / host syncs (sync ops)"], rows)
+
+
+def comparison_table(stages: list[dict]) -> str:
+    """Per stage kind and precision, the eager step against the graph step and each alone
+    against 2 side by side (a pair's time: 2 × alone one after the other, the slower process's
+    step side by side): the speed-ups the rows measured in this run. "" if there is nothing
+    to compare."""
+    def key(r):
+        return (r["kind"], r["precision"], bool(r.get("channels_last")),
+                r.get("compile", "none"))
+
+    def step(r):
+        return r["step_s"] * 1e3
+
+    groups: dict[tuple, dict] = {}
+    for r in stages:
+        g = groups.setdefault(key(r), {})
+        g[(bool(r.get("cuda_graph")), r.get("side_by_side") or 1)] = r
+    rows = []
+    for (kind, prec, _, _), g in groups.items():
+        eager, graph = g.get((False, 1)), g.get((True, 1))
+        pairs = [(g.get((gr, 1)), g.get((gr, 2)), gr) for gr in (False, True)]
+        if not ((eager and graph) or any(a and b for a, b, _ in pairs)):
+            continue
+        emulated = any(r.get("cuda_graph") == "emulated" for r in g.values())
+        cells = [kind, prec + (" (graph emulated: no timing)" if emulated else ""),
+                 _f(eager and step(eager), ".1f"), _f(graph and step(graph), ".1f"),
+                 _times(eager and graph and eager["step_s"] / graph["step_s"])]
+        for alone, pair, _ in pairs:
+            cells += [_f(pair and step(pair), ".1f"),
+                      _times(alone and pair and 2 * alone["step_s"] / pair["step_s"])]
+        rows.append(cells)
+    if not rows:
+        return ""
+    return _table(["stage", "precision", "eager ms", "graph ms", "graph speed-up",
+                   "eager, 2 side by side ms", "pair speed-up (eager)",
+                   "graph, 2 side by side ms", "pair speed-up (graph)"], rows)
 
 
 def config_label(r: dict) -> str:
@@ -135,6 +176,10 @@ def full_report(res: dict) -> str:
         if gpu:
             parts.append("GPU time of one profiled iteration by kernel kind "
                          "(`sfc.bench.measure.kernel_kind`):\n\n" + gpu)
+        comp = comparison_table(res["stages"])
+        if comp:
+            parts.append("Speed-ups measured in this run (pair speed-up: two runs one after "
+                         "the other against the two side by side):\n\n" + comp)
     if res.get("pipeline"):
         parts.append(pipeline_table(res["pipeline"]))
     if res.get("reference"):
