@@ -137,10 +137,11 @@ def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, w
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+    got.sort(key=lambda g: g["rank"])
     errors = [f"process {g['rank']}: {g['error']}" for g in got if "error" in g]
     if errors:
         raise RuntimeError(f"side-by-side {kind}: " + "; ".join(errors))
-    recs = [g["rec"] for g in sorted(got, key=lambda g: g["rank"])]
+    recs = [g["rec"] for g in got]
     each = [r["step_s"] for r in recs]
     rec = dict(recs[0])
     rec.update({"side_by_side": n, "step_s": max(each), "step_s_each": each,
