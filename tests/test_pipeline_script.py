@@ -27,7 +27,10 @@ stop() {  # as sfc.train: finish, save last.pt (a second), exit 128 + signal
 trap 'stop 143' TERM
 trap 'stop 138' USR1
 echo "start $name $(date +%s.%N)" >> "$STUB_LOG"
-sleep "${STUB_SLEEP:-0.3}" & wait $!
+case "$name" in  # STUB_PAIR_SLEEP: the stage-one runs only (the overlap test)
+  *stage_one*) sleep "${STUB_PAIR_SLEEP:-${STUB_SLEEP:-0.3}}" & wait $! ;;
+  *) sleep "${STUB_SLEEP:-0.3}" & wait $! ;;
+esac
 echo "end $name $(date +%s.%N)" >> "$STUB_LOG"
 [[ "${STUB_FAIL:-}" == "$name" ]] && exit 3
 mkdir -p "$out" && touch "$out/best.pt"
@@ -70,7 +73,7 @@ def test_runs_in_order_one_after_the_other(tmp_path):
 
 
 def test_side_by_side_overlaps_each_stage_one_pair_only(tmp_path):
-    proc, log = _pipeline(tmp_path, SIDE_BY_SIDE="1", STUB_SLEEP="1")
+    proc, log = _pipeline(tmp_path, SIDE_BY_SIDE="1", STUB_PAIR_SLEEP="2")
     assert proc.returncode == 0, proc.stderr
     t = {(what, name): at for what, name, at in log}
     for stage in ("FlowNet_pretrain/stage_one", "SFC/stage_one"):
