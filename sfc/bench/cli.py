@@ -199,6 +199,14 @@ def _fastest(rows: list[dict]) -> dict:
     return out
 
 
+def _modes(kind: str, graph_modes: tuple[bool, ...]) -> tuple[bool, ...]:
+    """The `--cuda-graph` modes measured for `kind`: with "both", a kind the engine does not
+    capture gets its eager row only (with "on" its one row is eager anyway)."""
+    if False in graph_modes and not steps.capturable(kind):
+        return (False,)
+    return graph_modes
+
+
 def _attempt(res: dict, name: str, say, measure_row, *args, **kwargs):
     """One row's measurement, `measure_row(*args, **kwargs)`; an error is logged with its
     traceback, kept in `res["errors"]`, and the benchmark goes on with the next row (a failed
@@ -261,9 +269,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
             for kind in args.stages:
-                for graph in graph_modes:  # "both": the eager row, then the graph row
-                    if graph and kind == "sfm" and False in graph_modes:
-                        continue  # not captured: its eager row is the one
+                for graph in _modes(kind, graph_modes):  # "both": eager row, then graph row
                     bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile,
                                 cuda_graph=graph)
                     name = f"{kind} {prec}{' graph' if graph else ''}"
@@ -300,9 +306,8 @@ def main(argv=None) -> int:
                         = _fastest(mine)
             _write(res, args.json)
         if args.reference:
-            for kind, graph in ((k, g) for k in args.reference_stages for g in graph_modes):
-                if graph and kind == "sfm" and False in graph_modes:
-                    continue  # not captured: its eager row is the one
+            for kind, graph in ((k, g) for k in args.reference_stages
+                                for g in _modes(k, graph_modes)):
                 bc = config("fp32", cuda_graph=graph)
                 log(f"[bench] reference {kind} fp32{' graph' if graph else ''} source {src} "
                     f"target {tgt} ...")

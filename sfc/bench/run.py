@@ -54,8 +54,7 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "source_size": list(bc.source_size), "target_size": list(bc.target_size),
            "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
            "compile": bc.compile, "check_every": stage.guard.every,
-           "cuda_graph": (False if runner is None else
-                          True if dev.type == "cuda" else "emulated"),
+           "cuda_graph": steps.graph_label(runner, dev),
            "capture_s": runner.capture_s if runner is not None else None,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
@@ -225,8 +224,7 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     equal = all(math.isfinite(d) and d <= REF_RTOL for d in diffs)
     sp, sr = measure.median(t_proj), measure.median(t_ref)
     return {"kind": kind, "precision": bc.precision, "source_size": list(bc.source_size),
-            "cuda_graph": (False if runner is None else
-                           True if dev.type == "cuda" else "emulated"),
+            "cuda_graph": steps.graph_label(runner, dev),
             "source_prev_forward": bc.source_prev_forward, "threads": torch.get_num_threads(),
             "target_size": list(bc.target_size), "project_step_s": sp, "reference_step_s": sr,
             "project_times_s": t_proj, "reference_times_s": t_ref,

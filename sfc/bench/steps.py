@@ -170,16 +170,30 @@ def make_val_items(kind: str, bc: BenchConfig, n: int, seed: int = 1) -> list[di
     return items
 
 
+def capturable(kind: str) -> bool:
+    """Whether the engine's `--cuda-graph` captures this bench kind's stage (not the SFM)."""
+    from sfc.train import graphed
+
+    return KIND_STAGE[kind][0] in graphed.STAGES
+
+
 def graph_runner(kind: str, stage, bc: BenchConfig):
-    """The engine's `--cuda-graph` runner for this stage (None: eager, or the SFM, which the
-    engine does not capture). On the CPU (the script's dry run) the runner replays eagerly
+    """The engine's `--cuda-graph` runner for this stage (None: eager, or a stage the engine
+    does not capture). On the CPU (the script's dry run) the runner replays eagerly
     (`graphed.EagerBackend`): the plumbing runs, the timing means nothing."""
-    if not bc.cuda_graph or kind == "sfm":
+    if not bc.cuda_graph or not capturable(kind):
         return None
     from sfc.train import graphed
 
     cpu = torch.device(bc.device).type != "cuda"
     return graphed.GraphedStep(stage, backend=graphed.EagerBackend() if cpu else None)
+
+
+def graph_label(runner, device) -> bool | str:
+    """A row's `cuda_graph`: False (eager), True (a CUDA graph) or "emulated" (the CPU)."""
+    if runner is None:
+        return False
+    return True if torch.device(device).type == "cuda" else "emulated"
 
 
 def train_iteration(stage, src: dict, tgt: dict | None, i: int = 0,
