@@ -306,7 +306,7 @@ def test_pipeline_from_the_fastest_row_of_several_runs(tmp_path):
 def test_pipeline_takes_pairs_side_by_side_where_faster():
     """A row of 2 processes side by side counts for the paired kinds only (segnet, segnet_sfc:
     update and reference), each run charged half the pair's time, and only where that beats
-    the single-process row; hours by hand."""
+    the single-process row; an emulated graph row not at all; hours by hand."""
     from sfc.bench.cli import fastest_pipeline
     from sfc.bench.measure import PAIRED_KINDS
 
@@ -321,6 +321,7 @@ def test_pipeline_takes_pairs_side_by_side_where_faster():
         row("segnet_sfc", 0.5, side_by_side=2),  # 0.25 per run: slower than one at a time
         row("accel", 0.01, side_by_side=2),  # not a paired kind: ignored
         row("segnet", 0.01, side_by_side=3),  # 3 at once: no pipeline use
+        row("accel", 0.001, cuda_graph="emulated"),  # the CPU's emulated graph: no timing
     ]
     out = fastest_pipeline({"stages": rows}, [])
     assert out["configs"]["segnet"] == "fp32 ×2 side by side (each run: half the pair's)"

@@ -1,11 +1,14 @@
-"""`--cuda-graph` (sfc.train.graphed, issue 18): the captured iteration's plumbing on the CPU.
+"""`--cuda-graph` (sfc.train.graphed, issue 18): the captured iteration on the CPU.
 
 A real CUDA graph needs a GPU (tests/test_cuda_paths.py runs the same lockstep check with real
-capture). Here `graphed.EagerBackend` stands in for the graph — its "replay" runs the step again
-on the static batch — so these tests check what the runner itself must get right: each
-iteration's batch reaches the static one, each iteration's LR reaches the optimiser's LR
-tensors, each iteration's number reaches the guard, the warm-up count, fixed shapes, the
-engine's wiring and resume.
+capture). Here `graphed.TapeBackend` emulates one: the capture records the step's aten ops and a
+replay re-runs them on the same tensors with every Python value frozen as captured, refusing
+host reads and host data. The first tests check the emulation itself against hand-computed
+cases; the others what the runner must get right under it: each iteration's batch reaches the
+static one, each iteration's LR reaches the optimiser's LR tensors, each iteration's number
+reaches the guard, nothing else the step takes from Python changes between iterations (the
+lockstep against the eager iteration), the warm-up count, fixed shapes, the engine's wiring and
+resume.
 """
 
 import argparse
@@ -86,6 +89,69 @@ def test_lr_tensors_update_within_rounding_and_stay_out_of_the_state_dict():
     assert not any(torch.is_tensor(v) for grp in sb["param_groups"] for v in grp.values())
 
 
+# ---- the emulated graph itself, on hand-built cases ------------------------------------------
+def test_the_emulated_graph_replays_ops_with_python_values_frozen():
+    """A replay re-runs the recorded ops on the same tensors: in-place state advances again, a
+    new input (copied into the static tensor) flows through, and a Python number read by the
+    step keeps its value at the capture — as in a CUDA graph."""
+    x = torch.tensor([1.0, 2.0])
+    acc = torch.zeros(2)
+    scale = {"s": 3.0}
+
+    def step():
+        y = (x * scale["s"]).relu()
+        acc.add_(y)
+        return {"y": y, "sum": acc.sum()}
+
+    tape = graphed.TapeBackend()
+    out = tape.capture(step)
+    assert torch.equal(out["y"], torch.tensor([3.0, 6.0])) and float(out["sum"]) == 9.0
+    x.copy_(torch.tensor([-1.0, 5.0]))
+    scale["s"] = 100.0  # Python state: frozen in the graph
+    tape.replay()
+    assert torch.equal(out["y"], torch.tensor([0.0, 15.0]))
+    assert torch.equal(acc, torch.tensor([3.0, 21.0]))
+    assert float(out["sum"]) == 24.0
+
+
+@pytest.mark.parametrize("body,match", [
+    (lambda x: x * x.sum().item(), r"_local_scalar_dense.*reads a device value on the host"),
+    (lambda x: x[x > 0], r"aten.index.Tensor reads a device value on the host"),
+    (lambda x: x + torch.tensor([1.0, 2.0]), r"lift_fresh.*makes a tensor from host data"),
+])
+def test_the_emulated_graph_refuses_what_a_capture_cannot_record(body, match):
+    x = torch.tensor([1.0, 2.0])
+    with pytest.raises(graphed.NotCapturable, match=match):
+        graphed.TapeBackend().capture(lambda: body(x))
+
+
+def test_a_python_lr_goes_stale_in_the_emulated_graph(monkeypatch):
+    """Without the LR tensors the optimiser bakes the capture's LR into the graph: the lockstep
+    (a different LR each iteration) must see it. It is what the emulation adds over re-running
+    the step."""
+    monkeypatch.setattr(optim.RepeatedSGD, "use_lr_tensors",
+                        lambda self: setattr(self, "lr_tensors", None))
+    with pytest.raises(AssertionError):
+        lockstep("segnet", graphed.TapeBackend())
+
+
+def test_the_cpu_flow_check_would_not_capture():
+    """On the CPU the guard reads the flows' finiteness at once (a host read); the runner under
+    the emulation runs the CUDA program, which defers it — with the CPU program the capture is
+    refused at that read."""
+    st, bc = _stage("accel")
+    runner = graphed.GraphedStep(st, warmup=1, backend=graphed.TapeBackend())
+    assert st.guard.flows_at_once is False
+    from sfc.bench import steps
+
+    src, tgt = steps.make_batches("accel", bc)
+    steps.train_iteration(st, src, tgt, 0, runner=runner)
+    st.guard.flows_at_once = True
+    with pytest.raises(RuntimeError, match=r"capturing iteration 2 failed \(NotCapturable: "
+                                           r"aten._local_scalar_dense"):
+        steps.train_iteration(st, src, tgt, 1, runner=runner)
+
+
 # ---- the runner, lockstep against the eager iteration ---------------------------------------
 def _stage(kind, device="cpu"):
     from sfc.bench import steps
@@ -143,7 +209,7 @@ def lockstep(kind, backend, device="cpu", iters=6, warmup=2):
 
 @pytest.mark.parametrize("kind", ["segnet", "segnet_sfc", "accel", "accel_sfc"])
 def test_runner_follows_the_eager_iteration(kind):
-    runner = lockstep(kind, graphed.EagerBackend())
+    runner = lockstep(kind, graphed.TapeBackend())
     assert runner.warm_done == 2 and runner.calls_to_capture == 0
 
 
@@ -154,17 +220,17 @@ def test_runner_needs_deferred_checks_and_a_warm_up():
                            layers=(1, 1, 1, 1), width=8, check_every="1")
     st = steps.build("segnet", bc)
     with pytest.raises(ValueError, match="deferred finiteness checks"):
-        graphed.GraphedStep(st, backend=graphed.EagerBackend())
+        graphed.GraphedStep(st, backend=graphed.TapeBackend())
     st2, _ = _stage("segnet")
     with pytest.raises(ValueError, match="at least one eager warm-up"):
-        graphed.GraphedStep(st2, warmup=0, backend=graphed.EagerBackend())
+        graphed.GraphedStep(st2, warmup=0, backend=graphed.TapeBackend())
 
 
 def test_runner_rejects_another_shape_and_names_the_entry():
     from sfc.bench import steps
 
     st, bc = _stage("segnet")
-    runner = graphed.GraphedStep(st, warmup=1, backend=graphed.EagerBackend())
+    runner = graphed.GraphedStep(st, warmup=1, backend=graphed.TapeBackend())
     src, tgt = steps.make_batches("segnet", bc)
     for i in range(2):
         steps.train_iteration(st, src, tgt, i, runner=runner)
@@ -174,7 +240,7 @@ def test_runner_rejects_another_shape_and_names_the_entry():
 
 
 def test_a_failed_capture_says_what_to_do():
-    class Broken(graphed.EagerBackend):
+    class Broken(graphed.TapeBackend):
         def capture(self, fn):
             raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -191,7 +257,7 @@ def test_a_failed_capture_says_what_to_do():
 
 
 def test_nan_after_the_capture_is_found_and_discarded_stickily():
-    nan_after_capture(graphed.EagerBackend())
+    nan_after_capture(graphed.TapeBackend())
 
 
 def nan_after_capture(backend, device="cpu"):
@@ -218,9 +284,9 @@ def nan_after_capture(backend, device="cpu"):
 # ---- the engine's wiring (the graph emulated on the CPU) ------------------------------------
 @pytest.fixture()
 def emulated(monkeypatch):
-    """`--cuda-graph` on the CPU through `EagerBackend`: the device checks pass."""
+    """`--cuda-graph` on the CPU through `TapeBackend`: the device checks pass."""
     monkeypatch.setattr(graphed, "unsupported", lambda *a, **k: None)
-    monkeypatch.setattr(graphed, "CudaGraphBackend", graphed.EagerBackend)
+    monkeypatch.setattr(graphed, "CudaGraphBackend", graphed.TapeBackend)
 
 
 def test_engine_runs_the_runner_and_resumes_exactly(emulated, tiny_data, tmp_path):

@@ -180,10 +180,13 @@ def _fastest(rows: list[dict]) -> dict:
     """`measure.pipeline_estimate` from the fastest row per stage kind (evaluation from the
     fastest row that measured it), with the configuration each kind took. A row of 2
     processes side by side counts for the kinds whose runs come in pairs (update and
-    reference): each run of the pair is charged half the pair's time."""
+    reference): each run of the pair is charged half the pair's time. An emulated graph row
+    (the CPU) times nothing real: skipped."""
     step, ev, configs = {}, {}, {}
     for r in rows:
         k, n = r["kind"], r.get("side_by_side") or 1
+        if r.get("cuda_graph") == "emulated":
+            continue
         if n == 1:
             s, label = r["step_s"], report.config_label(r)
         elif n == 2 and k in measure.PAIRED_KINDS:

@@ -179,14 +179,14 @@ def capturable(kind: str) -> bool:
 
 def graph_runner(kind: str, stage, bc: BenchConfig):
     """The engine's `--cuda-graph` runner for this stage (None: eager, or a stage the engine
-    does not capture). On the CPU (the script's dry run) the runner replays eagerly
-    (`graphed.EagerBackend`): the plumbing runs, the timing means nothing."""
+    does not capture). On the CPU (the script's dry run) the graph is emulated
+    (`graphed.TapeBackend`): the plumbing runs, the timing means nothing."""
     if not bc.cuda_graph or not capturable(kind):
         return None
     from sfc.train import graphed
 
     cpu = torch.device(bc.device).type != "cuda"
-    return graphed.GraphedStep(stage, backend=graphed.EagerBackend() if cpu else None)
+    return graphed.GraphedStep(stage, backend=graphed.TapeBackend() if cpu else None)
 
 
 def graph_label(runner, device) -> bool | str:

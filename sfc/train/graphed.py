@@ -30,6 +30,9 @@ graphs would be captured inside this one). Numerics: the same step, except the S
 `p − (lr·d)` with a tensor LR (`use_lr_tensors`: within float32 rounding of the eager step, not
 bit-identical); warm-up and replays use the same update, so a resumed run follows the same
 program as an uninterrupted one.
+
+On the CPU (tests, the benchmark's dry run) `TapeBackend` emulates a graph op by op: what goes
+stale or cannot be captured in a real graph goes stale or is refused there too.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import contextlib
 import time
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sfc.train.guard import resolve_every
 
@@ -99,31 +104,84 @@ class CudaGraphBackend:
         self.graph.replay()
 
 
-class EagerBackend:
-    """The same protocol without CUDA, for tests on the CPU: the "capture" runs `fn` once
-    (executes_capture) and every "replay" runs it again, writing its results into the outputs
-    of the capture in place. It checks the runner's plumbing (static batch, LR and iteration
-    tensors, the warm-up count), not what only a real graph shows (state reassigned in Python
-    is frozen in a graph; here it is not)."""
+# aten ops a CUDA graph cannot record: they read a device value on the host (a sync, refused
+# during a capture) or bring host data in (a copy from pageable memory: refused, or garbage)
+HOST_READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "equal",
+                        "is_nonzero", "_unique2", "unique_dim", "unique_consecutive",
+                        "bincount"})
+HOST_DATA = frozenset({"lift_fresh", "lift_fresh_copy"})
+
+
+def _bool_index(name: str, args) -> bool:
+    """Indexing with a boolean mask (`x[mask]`): its size depends on the data (a `nonzero`)."""
+    return (name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1
+            and any(torch.is_tensor(t) and t.dtype in (torch.bool, torch.uint8)
+                    for t in args[1] or ()))
+
+
+class NotCapturable(RuntimeError):
+    """An op inside the captured iteration that a CUDA graph cannot record."""
+
+
+class _Tape(TorchDispatchMode):
+    """Records every aten op below autograd (forward and backward) with its arguments and
+    outputs; refuses the ones a capture cannot record. Host-side ops (the profiler's ranges)
+    are not device work: not recorded, as a graph drops them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in HOST_READS or name in HOST_DATA or _bool_index(name, args):
+            why = ("makes a tensor from host data (a copy from pageable memory)"
+                   if name in HOST_DATA else "reads a device value on the host (a sync)")
+            raise NotCapturable(f"{func} {why}: a CUDA graph cannot capture it")
+        out = func(*args, **kwargs)
+        if func.namespace != "profiler":
+            self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class TapeBackend:
+    """A CUDA graph emulated on the CPU, for tests and the benchmark's dry run. The "capture"
+    runs `fn` once and records every aten op it performs (`_Tape`); a "replay" re-runs the
+    recorded ops with their recorded arguments and writes each result into the tensor the
+    capture produced, in place — what a graph does: the same kernels, on the same tensors
+    ("addresses"), with every Python value (a float, a size, a branch taken) frozen as it was at
+    the capture; no Python of the step runs again. So a value the step takes from Python that
+    changes between iterations, or Python state reassigned instead of updated in place, goes
+    stale here as it would in a graph, and a host read or a tensor made from host data inside
+    the step is refused (`NotCapturable`) as a capture would. Not emulated: streams and memory
+    pools, and CPU work a graph would drop (everything here is CPU work)."""
 
     executes_capture = True
+    emulates_cuda = True  # the step is the CUDA one (sfc.train.guard: flows deferred too)
 
     def __init__(self, device=None):
-        self.fn = None
-        self.out = None
+        self.ops = None
 
     def warm(self):
         return contextlib.nullcontext()
 
     def capture(self, fn):
-        self.fn = fn
-        self.out = fn()
-        return self.out
+        tape = _Tape()
+        with tape:
+            out = fn()
+        self.ops = tape.ops
+        return out
 
     def replay(self) -> None:
-        new = self.fn()
-        for k, v in new.items():
-            self.out[k].copy_(v)
+        with torch.no_grad():
+            for func, args, kwargs, old in self.ops:
+                new = func(*args, **kwargs)
+                for o, n in zip(pytree.tree_leaves(old), pytree.tree_leaves(new)):
+                    # a view or an in-place result shares the storage: already up to date
+                    if torch.is_tensor(o) and (o.untyped_storage().data_ptr()
+                                               != n.untyped_storage().data_ptr()):
+                        o.copy_(n)
 
 
 def _leaves(batch):
@@ -159,6 +217,8 @@ class GraphedStep:
                              f"({type(stage.optimizer).__name__}) has no LR tensors")
         self.stage, self.warmup = stage, int(warmup)
         self.backend = backend if backend is not None else CudaGraphBackend(stage.device)
+        if getattr(self.backend, "emulates_cuda", False):
+            stage.guard.flows_at_once = False  # the program a CUDA graph captures
         self.iter_t = torch.zeros((), dtype=torch.int64, device=stage.device)
         stage.optimizer.use_lr_tensors()
         self.warm_done = 0
@@ -223,5 +283,5 @@ class GraphedStep:
             s.copy_(v, non_blocking=True)
 
 
-__all__ = ["CudaGraphBackend", "EagerBackend", "GraphedStep", "STAGES", "WARMUP",
-           "unsupported"]
+__all__ = ["CudaGraphBackend", "GraphedStep", "NotCapturable", "STAGES", "TapeBackend",
+           "WARMUP", "unsupported"]

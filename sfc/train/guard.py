@@ -27,8 +27,10 @@ not: BatchNorm running statistics and optimiser buffers (momentum, Adam moments)
 bad iteration are not restored in memory — they are never saved either, since the run stops
 at the read. On the CPU a non-finite flow is still read at once, before its backward, with any N:
 `grid_sample` with border padding crashes (segmentation fault) in the CPU backward of NaN
-coordinates, and a sync costs nothing there. On a finite run the trajectory is bit-identical
-for every N (the discarded-update selection keeps each value as it is).
+coordinates, and a sync costs nothing there (`flows_at_once`; the CPU emulation of a CUDA graph,
+`sfc.train.graphed.TapeBackend`, turns it off to run the CUDA program). On a finite run the
+trajectory is bit-identical for every N (the discarded-update selection keeps each value as it
+is).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class FiniteGuard:
         self.device = torch.device(device)
         self.every = int(every)
         self.deferred = self.every > 1
+        # N > 1: flows still read at once on the CPU (module docstring)
+        self.flows_at_once = self.device.type == "cpu"
         self.names: list[tuple[str, str]] = []  # code → (what, term)
         self._flags: list[tuple[int, torch.Tensor]] = []  # this iteration's (code, bad)
         self._codes: dict[tuple[int, ...], torch.Tensor] = {}
@@ -103,7 +107,7 @@ class FiniteGuard:
         if not flags:
             return
         bad = torch.stack(flags).any()
-        if self.deferred and self.device.type != "cpu":
+        if self.deferred and not self.flows_at_once:
             self._flags.append((self._code("flow", term), bad))
             return
         rank = bad_rank(bad)
