@@ -1,9 +1,10 @@
 """`--compile` (issue 18, item 4): the compiled training step equals the eager one within
 float32 tolerance for every stage kind, with and without the SFC loss, and a compiled run
-resumes bit-exactly. Inductor compiles C++
-on the CPU (5-30 s per stage kind here), more than `make test`'s 5-minute budget leaves, so
-the compiled steps run with `SFC_COMPILE_TESTS=1 make test` (the environment reaches the
-tests); the suite itself checks the switch's wiring."""
+resumes bit-exactly. Inductor compiles C++ on the CPU: on a 2-core machine with a cold cache
+this file takes 141 s on one worker (2026-12-04; the two SFC kinds alone 122 s: much of it is
+paid once, by whichever kind compiles first), and `make test` 88 s more than without it.
+`SFC_COMPILE_TESTS=0` leaves the compiled steps out (a quick run); the wiring test of the
+switch runs always."""
 
 import copy
 import os
@@ -17,7 +18,7 @@ from sfc import train
 from sfc.train.stages import build_stage
 from sfc.train.streams import to_device
 
-RUN = os.environ.get("SFC_COMPILE_TESTS") == "1"
+RUN = os.environ.get("SFC_COMPILE_TESTS") != "0"
 KINDS = list(STAGE_KINDS)
 
 
@@ -40,7 +41,7 @@ def _step(stage, src, tgt):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUN, reason="compiles C++ for minutes on a CPU: SFC_COMPILE_TESTS=1")
+@pytest.mark.skipif(not RUN, reason="SFC_COMPILE_TESTS=0")
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_step_equals_eager(kind, tiny_data, tiny_runs, tmp_path):
     args = _args(kind, tiny_data, tiny_runs, tmp_path / "r")
@@ -82,7 +83,7 @@ def test_compile_switch_wiring(tiny_data, tiny_runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUN, reason="compiles C++ for minutes on a CPU: SFC_COMPILE_TESTS=1")
+@pytest.mark.skipif(not RUN, reason="SFC_COMPILE_TESTS=0")
 def test_compiled_run_resumes_exactly(tiny_data, tiny_runs, tmp_path):
     """A compiled run (with the deferred checks) interrupted after 2 iterations and resumed
     ends bit-identical to the uninterrupted compiled run: parameters, BN statistics, results."""
