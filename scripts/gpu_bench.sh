@@ -6,18 +6,20 @@
 #
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
 #   1. CUDA tests (pytest -m cuda -x: a bf16 step per stage kind, the no-sync deferred checks,
-#      --cuda-graph in lockstep with the eager iteration, its engine run without syncs)   80
+#      --cuda-graph in lockstep with the eager iteration, its engine run without syncs)   75
 #   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, deferred checks
 #      (--check-every 50, the CUDA default): FLOPs, evaluation, profiler counts             100
-#   3. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
+#   3. the backbone's dilated convolutions, native against space-to-batch (sfc.bench.convs:
+#      one convolution of layer3 / layer4 per input size, fp32 and bf16)                   20
+#   4. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
 #      CUDA graph), counts — a process of its own: a failed capture cannot cost part 2       70
-#   4. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind an eager row and a
+#   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind an eager row and a
 #      graph row (a failed row is logged and the next one measured), counts                 95
-#   5. release-style reference vs project (SFC stage one), fp32, the project eager and graph 40
-#   6. SFC stage one, fp32, eager and graph, alone and 2 processes side by side (as its
+#   6. release-style reference vs project (SFC stage one), fp32, the project eager and graph 35
+#   7. SFC stage one, fp32, eager and graph, alone and 2 processes side by side (as its
 #      update and reference runs can train at once); then the pipeline from the fastest row
-#      per stage kind of parts 2-6                                                          90
-# (limits sum to 475 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
+#      per stage kind of parts 2-7                                                          85
+# (limits sum to 480 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
 # read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
 # against 154.1 fp32 eager, 86-100 s of compilation); the loaders (8 workers: 27-59 samples/s,
@@ -39,7 +41,8 @@ if [[ "${SFC_BENCH_DRY:-0}" == "1" ]]; then
   SIZE=(--size 64 32 --layers 1 1 1 1 --width 8)
   ITERS=(--iters 1 --warmup 0 --eval-images 1)
   REF_ITERS=(--iters 1 --warmup 0)
-  T=(60 120 120 120 60 120)
+  T=(60 120 60 120 120 60 120)
+  CONVS=(--scale 0.125 --iters 2 --warmup 1)
   PYTEST_MARK="cuda and not slow"
   [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON:-}" ]] && PY="$ROOT/.venv/bin/python"
 else
@@ -47,7 +50,8 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(80 100 70 95 40 90)
+  T=(75 100 20 70 95 35 85)
+  CONVS=()
   PYTEST_MARK="cuda"
 fi
 NOEVAL=(--no-flops --eval-images 0)
@@ -82,16 +86,18 @@ else  # no pytest there: at least the exactness check of the proposed foreach SG
 fi
 part bench_fp32 "${T[1]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   --precision fp32 "${DEFER[@]}" --profile-counts --json "$OUT/bench_fp32.json"
-part bench_fp32_graph "${T[2]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+part convs "${T[2]}" "$PY" -m sfc.bench.convs "${DEV[@]:0:2}" "${CONVS[@]}" \
+  --cudnn-benchmark --json "$OUT/bench_convs.json"
+part bench_fp32_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --profile-counts \
   --stages segnet segnet_sfc accel accel_sfc --json "$OUT/bench_fp32_graph.json"
-part bench_bf16 "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+part bench_bf16 "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph both \
   --profile-counts --json "$OUT/bench_bf16.json"
-part reference "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
+part reference "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
   --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph both \
   --json "$OUT/bench_reference.json"
-part side_by_side "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+part side_by_side "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph both --stages segnet_sfc \
   --side-by-side 2 --json "$OUT/bench_side_by_side.json" \
   --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json "$OUT"/bench_bf16.json

@@ -109,6 +109,31 @@ def test_aspp_gemm_form_on_cuda_matches_cpu():
         _close(a, b, n)
 
 
+def test_dilated_s2b_on_cuda_matches_the_cpu_dilated_convolution():
+    """`--dilated-impl s2b` on CUDA (the convolution library's ordinary 3×3 kernels, channels
+    first and channels_last) against the CPU's dilated convolution: output and the three
+    gradients, a map not a multiple of the dilation included."""
+    import torch.nn.functional as F
+
+    from sfc.models.dilated import s2b_conv2d
+
+    for d, (h, w), cl in ((2, (16, 12), False), (4, (10, 23), False), (2, (9, 7), True)):
+        x, wt = torch.randn(1, 32, h, w), torch.randn(48, 32, 3, 3) * 0.05
+        b, go = torch.randn(48), torch.randn(1, 48, h, w)
+        res = []
+        for dev in ("cpu", "cuda"):
+            xd = x.to(dev)
+            if cl and dev == "cuda":
+                xd = xd.contiguous(memory_format=torch.channels_last)
+            xd, wd, bd = (t.detach().clone().to(dev).requires_grad_() for t in (xd, wt, b))
+            y = (F.conv2d(xd, wd, bd, padding=d, dilation=d) if dev == "cpu"
+                 else s2b_conv2d(xd, wd, bd, d))
+            y.backward(go.to(dev))
+            res.append((y, xd.grad, wd.grad, bd.grad))
+        for a, g, n in zip(*res, ("out", "d/dx", "d/dW", "d/db")):
+            _close(a, g, f"d={d} {h}x{w} cl={cl} {n}")
+
+
 def test_raw_clip_normalisation_on_cuda_is_bit_identical():
     """Training clips are normalised on the device by table lookup: the same float32 values
     as the datasets' NumPy path, exactly."""

@@ -26,6 +26,7 @@ import torch
 from sfc import flags
 from sfc.bench import measure, report, run, steps
 from sfc.bench.loaders import measure_loaders
+from sfc.models import dilated
 from sfc.models.aspp_gemm import MODES, set_aspp_impl
 from sfc.train.guard import resolve_every
 
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="DeepLab classifier form in the project's training steps: GEMM (sfc.models.aspp_gemm)"
            " or nn.Conv2d; auto = GEMM on the CPU only (default). The release-style reference "
            "always uses nn.Conv2d")
+    a("--dilated-impl", choices=list(dilated.MODES), default="native",
+      help="the backbone's dilated convolutions in the project's steps: native nn.Conv2d or "
+           "s2b (space-to-batch, sfc.models.dilated; the engine's --dilated-impl). The "
+           "release-style reference always runs them native")
     a("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     a("--reference", action="store_true",
       help="also time the release-style reference (sfc.bench.reference) of SFC stage one and "
@@ -133,7 +138,7 @@ def _meta(args) -> dict:
             "device": dev, "device_name": name, "threads": torch.get_num_threads(),
             "host_cpu": _host_cpu(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "aspp_impl": args.aspp_impl,
+            "aspp_impl": args.aspp_impl, "dilated_impl": args.dilated_impl,
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
 
@@ -258,6 +263,7 @@ def main(argv=None) -> int:
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     set_aspp_impl(args.aspp_impl)
+    dilated.set_dilated_impl(args.dilated_impl)
     src, tgt = _sizes(args)
     res = {"meta": _meta(args), "stages": [], "pipeline": {}, "reference": [], "loaders": None}
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -293,7 +299,9 @@ def main(argv=None) -> int:
                                        run.measure_side_by_side, kind, bc, args.side_by_side,
                                        args.iters, args.warmup, ckpt_dir,
                                        {"cudnn_benchmark": args.cudnn_benchmark,
-                                        "aspp_impl": args.aspp_impl, "threads": args.threads},
+                                        "aspp_impl": args.aspp_impl,
+                                        "dilated_impl": args.dilated_impl,
+                                        "threads": args.threads},
                                        log=log)
                         if rec is None:
                             continue

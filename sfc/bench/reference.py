@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfc.models.aspp_gemm import aspp_impl
+from sfc.models.dilated import dilated_impl
 from sfc.train import optim
 
 AUX_WEIGHT = 0.1
@@ -150,7 +151,8 @@ class ReleaseSegNetSFC:
         self.optimizer.load_state_dict(stage.optimizer.state_dict())
 
     def step(self, src: dict, tgt: dict, i: int = 0) -> dict[str, float]:
-        with aspp_impl("conv"):  # the release's nn.Conv2d classifiers
+        # the release's nn.Conv2d classifiers and dilated convolutions
+        with aspp_impl("conv"), dilated_impl("native"):
             return self._step(src, tgt, i)
 
     def _step(self, src: dict, tgt: dict, i: int) -> dict[str, float]:

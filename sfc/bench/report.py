@@ -76,8 +76,10 @@ def comparison_table(stages: list[dict]) -> str:
 
 
 def config_label(r: dict) -> str:
-    """precision, memory format, compile mode and check interval of one bench row."""
+    """precision, memory format, dilated convolutions, compile mode, check interval, graph and
+    processes of one bench row."""
     return (r["precision"] + (" cl" if r.get("channels_last") else "")
+            + (" s2b" if r.get("dilated_impl") == "s2b" else "")
             + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
             + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
             + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), "")

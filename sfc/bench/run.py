@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sfc.bench import measure, steps
+from sfc.models.dilated import get_dilated_impl
 
 REF_RTOL = 1e-4  # loss equality of project vs release-style reference, float32
 
@@ -54,7 +55,7 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "source_size": list(bc.source_size), "target_size": list(bc.target_size),
            "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
            "compile": bc.compile, "check_every": stage.guard.every,
-           "cuda_graph": steps.graph_label(runner, dev),
+           "cuda_graph": steps.graph_label(runner, dev), "dilated_impl": get_dilated_impl(),
            "capture_s": runner.capture_s if runner is not None else None,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
@@ -74,9 +75,11 @@ def _side_by_side_worker(kind, bc, iters, warmup, ckpt_dir, settings, barrier, q
     second training job has)."""
     try:
         from sfc.models.aspp_gemm import set_aspp_impl
+        from sfc.models.dilated import set_dilated_impl
 
         torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
         set_aspp_impl(settings["aspp_impl"])
+        set_dilated_impl(settings.get("dilated_impl", "native"))
         if settings.get("threads"):
             torch.set_num_threads(settings["threads"])
         rec = measure_stage(kind, bc, iters, warmup, eval_images=0, flops=False,

@@ -27,43 +27,35 @@ release's `nn.Conv2d` path.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch.autograd.function import once_differentiable
 
+from .switch import ImplSwitch
+
 MODES = ("auto", "gemm", "conv")
-_mode = "auto"
+_SWITCH = ImplSwitch("ASPP implementation", MODES, "auto")
 
 
 def set_aspp_impl(mode: str) -> None:
     """Choose the training classifier process-wide: "auto" (GEMM on CPU), "gemm" or "conv"."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"ASPP implementation must be one of {MODES}, got {mode!r}")
-    _mode = mode
+    _SWITCH.set(mode)
 
 
 def get_aspp_impl() -> str:
-    return _mode
+    return _SWITCH.get()
 
 
-@contextmanager
 def aspp_impl(mode: str):
     """Temporarily set the classifier form (e.g. "conv" for a release-style reference)."""
-    old = _mode
-    set_aspp_impl(mode)
-    try:
-        yield
-    finally:
-        set_aspp_impl(old)
+    return _SWITCH.context(mode)
 
 
 def use_gemm(x: torch.Tensor, params) -> bool:
     """Whether `ClassifierModule.forward` should run through `AsppSum` for this input."""
-    if _mode == "conv" or not torch.is_grad_enabled():
+    mode = _SWITCH.mode
+    if mode == "conv" or not torch.is_grad_enabled():
         return False
-    if _mode == "auto" and x.device.type != "cpu":
+    if mode == "auto" and x.device.type != "cpu":
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False

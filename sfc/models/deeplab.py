@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aspp_gemm import AsppSum, use_gemm
+from .dilated import dilated_conv
 
 # Dilations (= paddings) of the four parallel 3x3 convs of DeepLab-v2's "ASPP" classifier.
 ASPP_DILATIONS = (6, 12, 18, 24)
@@ -44,7 +45,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn2(dilated_conv(self.conv2, out)))  # --dilated-impl
         out = self.bn3(self.conv3(out))
         out += residual  # in place, as the release (BN's backward does not need its output)
         return self.relu(out)

@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tf32", choices=["on", "off"], default=None,
       help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
            "matmuls off); the log and config.json record what was used")
+    a("--dilated-impl", choices=["native", "s2b"], default="native",
+      help="the backbone's dilated 3x3 convolutions (layer3, layer4): native nn.Conv2d, or "
+           "s2b, the same convolution as an ordinary one on the space-to-batch view (equal "
+           "within float rounding; for GPUs where dilated kernels are slow: python -m "
+           "sfc.bench.convs; sfc.models.dilated)")
     a("--threads", type=int, default=None,
       help="CPU threads of this process (torch.set_num_threads; default: PyTorch's)")
     a("--progress", choices=["auto", "bar", "lines", "none"], default="auto",

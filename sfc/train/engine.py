@@ -122,7 +122,8 @@ class _Stop(Exception):
 
 
 def precision_line(cfg, device) -> str:
-    """What arithmetic the run uses: autocast dtype and TF32 for convolutions and matmuls."""
+    """What arithmetic the run uses: autocast dtype, TF32 for convolutions and matmuls, and
+    the dilated convolutions' form if not the native one."""
     amp = getattr(cfg, "amp", None) or "float32"
     if amp == "bf16" and getattr(cfg, "sfc_weight", 0) > 0:
         amp += (" (SFC term float32)" if getattr(cfg, "sfc_precision", "float32") == "float32"
@@ -130,7 +131,9 @@ def precision_line(cfg, device) -> str:
     tf = (f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, TF32 "
           f"matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
     where = "" if torch.device(device).type == "cuda" else " (TF32 applies to CUDA only)"
-    return f"autocast {amp}; {tf}{where}"
+    s2b = ("; dilated convolutions on the space-to-batch view (--dilated-impl s2b)"
+           if getattr(cfg, "dilated_impl", "native") == "s2b" else "")
+    return f"autocast {amp}; {tf}{where}{s2b}"
 
 
 def _per_class(result: dict, class_names) -> dict[str, float] | None:
@@ -696,8 +699,11 @@ class Trainer:
 
 
 def apply_precision(cfg) -> None:
-    """`--tf32 on|off` for CUDA convolutions and matmuls (None: PyTorch's own defaults), and
-    `cfg.precision`, what is used, for config.json and the log."""
+    """`--tf32 on|off` for CUDA convolutions and matmuls (None: PyTorch's own defaults),
+    `--dilated-impl`, and `cfg.precision`, what is used, for config.json and the log."""
+    from sfc.models.dilated import set_dilated_impl
+
+    set_dilated_impl(getattr(cfg, "dilated_impl", "native"))
     tf32 = getattr(cfg, "tf32", None)
     if tf32 is not None:
         torch.backends.cudnn.allow_tf32 = tf32 == "on"
@@ -705,6 +711,7 @@ def apply_precision(cfg) -> None:
     cfg.precision = {"autocast": getattr(cfg, "amp", None) or "none",
                      "compile": getattr(cfg, "compile", "none"),
                      "cuda_graph": bool(getattr(cfg, "cuda_graph", False)),
+                     "dilated_impl": getattr(cfg, "dilated_impl", "native"),
                      "sfc_term": ("float32" if getattr(cfg, "sfc_precision", "float32") ==
                                   "float32" else getattr(cfg, "amp", None) or "none"),
                      "tf32_conv": bool(torch.backends.cudnn.allow_tf32),
