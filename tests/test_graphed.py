@@ -289,19 +289,22 @@ def emulated(monkeypatch):
     monkeypatch.setattr(graphed, "CudaGraphBackend", graphed.TapeBackend)
 
 
-def test_engine_runs_the_runner_and_resumes_exactly(emulated, tiny_data, tmp_path):
-    """The engine with --cuda-graph: it says so in the log, the result equals the eager run
+@pytest.mark.parametrize("kind", ["segnet", "accel_sfc"])
+def test_engine_runs_the_runner_and_resumes_exactly(kind, emulated, tiny_data, tiny_runs,
+                                                    tmp_path):
+    """The engine with --cuda-graph (the graph emulated; SFC stage two: the CUDA program's
+    deferred flow checks inside it): it says so in the log, the result equals the eager run
     within float32 rounding, and a run stopped after iteration 4 and resumed (warm-up again,
     capture again) ends bit-identical to the uninterrupted one: warm-up and replay use the same
     update."""
-    from conftest import TINY_TRAIN
+    from conftest import TINY_TRAIN, stage_kind_flags
 
     from sfc import train
     from sfc.train import runio
 
     def run(out, *extra):
-        return train.main(["--stage", "segnet", "--imagenet-init", "none", "--data",
-                           str(tiny_data), "--out", str(out), *TINY_TRAIN, "--iters", "7",
+        return train.main(["--data", str(tiny_data), "--out", str(out), *TINY_TRAIN,
+                           *stage_kind_flags(kind, tiny_runs), "--iters", "7",
                            "--eval-every", "7", "--check-every", "5", "--seed", "3", *extra])
 
     assert run(tmp_path / "eager") == 0
@@ -312,7 +315,8 @@ def test_engine_runs_the_runner_and_resumes_exactly(emulated, tiny_data, tmp_pat
     log = (tmp_path / "graph" / "log.txt").read_text()
     assert "--cuda-graph: the iteration is captured as one CUDA graph after 3 eager" in log
     assert "iteration 4: CUDA graph captured in " in log
-    m = {k: runio.load_checkpoint(tmp_path / k / "last.pt")["models"]["segnet"]
+    net = "segnet" if kind == "segnet" else "accel"
+    m = {k: runio.load_checkpoint(tmp_path / k / "last.pt")["models"][net]
          for k in ("eager", "graph", "resumed")}
     for name, v in m["eager"].items():
         assert torch.equal(m["resumed"][name], m["graph"][name]), name
