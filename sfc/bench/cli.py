@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cuda-graph", choices=["off", "on", "both"], default="off",
       help="the engine's --cuda-graph: the iteration captured as one CUDA graph and replayed "
            "(segnet and accel kinds; the SFM stays eager); both: an eager row and a graph row "
-           "per kind, in the same process. Needs --check-every N > 1. On the CPU it replays "
-           "eagerly (a dry run of the plumbing, not a timing)")
+           "per kind, in the same process. Needs --check-every N > 1. On the CPU the graph is "
+           "emulated (sfc.train.graphed.TapeBackend: a dry run of the plumbing, not a timing)")
     a("--side-by-side", type=int, default=0, metavar="N",
       help="also time N processes training the same stage kind on the device at once (as the "
            "update and reference runs of a stage one can run), after each single-process row; "

@@ -15,6 +15,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sfc.train import graphed
+
 GIB = 2 ** 30
 
 # The release's pipeline (method §5): (run, bench kind, iterations, eval every, val images).
@@ -136,11 +138,8 @@ def pipeline_estimate(step_s: dict[str, float], eval_s: dict[str, float]) -> dic
             "total_train_h": (sum(r["train_h"] for r in runs) if complete else None)}
 
 
-# aten ops that make the host wait for the GPU (a device → host read): a scalar read (`.item()`,
-# `float()`, `bool()` of a tensor), or an output whose size depends on the data
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
-            "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_consecutive",
-            "aten::unique_dim")
+# aten ops that make the host wait for the GPU, as the profiler names them (sfc.train.graphed)
+SYNC_OPS = tuple(f"aten::{n}" for n in graphed.SYNC_OPS)
 # CUDA runtime calls that block the host, as the profiler names them
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cudaMemcpy")

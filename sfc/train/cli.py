@@ -16,6 +16,7 @@ import torch
 from sfc import flags
 from sfc.data import DATASET_DIRS, get_protocol, make_dataset
 from sfc.data.viper import release_val_list
+from sfc.models import dilated
 from sfc.train import graphed
 from sfc.train.guard import resolve_every
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tf32", choices=["on", "off"], default=None,
       help="TF32 for CUDA convolutions and matmuls (default: PyTorch's own — convolutions on, "
            "matmuls off); the log and config.json record what was used")
-    a("--dilated-impl", choices=["native", "s2b"], default="native",
+    a("--dilated-impl", choices=list(dilated.MODES), default="native",
       help="the backbone's dilated 3x3 convolutions (layer3, layer4): native nn.Conv2d, or "
            "s2b, the same convolution as an ordinary one on the space-to-batch view (equal "
            "within float rounding; for GPUs where dilated kernels are slow: python -m "

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sfc import dist, flags
 from sfc.data.io import DatasetError
+from sfc.models.dilated import set_dilated_impl
 from sfc.train import graphed, runio, tb_pictures
 from sfc.train.guard import NonFiniteLoss
 from sfc.train.progress import make_progress
@@ -509,17 +510,16 @@ class Trainer:
             self.log.info(f"stage {cfg.stage} -> {self.run_dir} ({cfg.iters} iterations, "
                           f"{self.info.world_size} process(es), device {self.device})")
         self.log.info(f"precision: {precision_line(cfg, self.device)}")
-        g = stage.guard
+        guard = stage.guard
         self.log.info("finiteness checks: " + (
-            f"flags on the device, read every {g.every} iterations and before every "
-            "evaluation and save (a bad iteration's update is discarded)" if g.deferred
+            f"flags on the device, read every {guard.every} iterations and before every "
+            "evaluation and save (a bad iteration's update is discarded)" if guard.deferred
             else "read at once (before each backward, after each step)"))
         if self.graphed is not None:
             self.log.info(f"--cuda-graph: the iteration is captured as one CUDA graph after "
                           f"{self.graphed.warmup} eager iterations, then replayed")
         for note in getattr(self.data, "notes", ()):
             self.log.info(note)
-        guard = stage.guard
         self.bar = make_progress(self.progress, total=cfg.iters, initial=self.iter,
                                  desc=cfg.stage, enabled=self.main,
                                  every=getattr(cfg, "progress_every", 30.0))
@@ -701,8 +701,6 @@ class Trainer:
 def apply_precision(cfg) -> None:
     """`--tf32 on|off` for CUDA convolutions and matmuls (None: PyTorch's own defaults),
     `--dilated-impl`, and `cfg.precision`, what is used, for config.json and the log."""
-    from sfc.models.dilated import set_dilated_impl
-
     set_dilated_impl(getattr(cfg, "dilated_impl", "native"))
     tf32 = getattr(cfg, "tf32", None)
     if tf32 is not None:

@@ -104,11 +104,15 @@ class CudaGraphBackend:
         self.graph.replay()
 
 
-# aten ops a CUDA graph cannot record: they read a device value on the host (a sync, refused
-# during a capture) or bring host data in (a copy from pageable memory: refused, or garbage)
-HOST_READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "equal",
-                        "is_nonzero", "_unique2", "unique_dim", "unique_consecutive",
-                        "bincount"})
+# aten ops that make the host wait for the device (a device → host read): a scalar read
+# (`.item()`, `float()`, `bool()` of a tensor), or an output whose size depends on the data.
+# The profiler counts these per iteration (sfc.bench.measure.SYNC_OPS).
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+            "unique_consecutive", "unique_dim")
+# aten ops a CUDA graph cannot record: those, and the ones that reach the dispatcher without
+# one of them (a sync, refused during a capture), or bring host data in (a copy from pageable
+# memory: refused, or garbage)
+HOST_READS = frozenset(SYNC_OPS) | {"equal", "is_nonzero", "bincount"}
 HOST_DATA = frozenset({"lift_fresh", "lift_fresh_copy"})
 
 
