@@ -7,7 +7,8 @@
 #   SIDE_BY_SIDE=1  the update and reference runs of each stage one train at the same time, each
 #                   in its own process on the same device(s) (they are independent); default:
 #                   one after the other. Whether that is faster on your GPU: sfc.bench
-#                   --side-by-side 2 (docs/benchmark.md).
+#                   --side-by-side 2 (docs/benchmark.md); without NVIDIA's MPS daemon the
+#                   two processes take turns on the GPU (time slicing).
 # Run the same command again after a stop: finished runs exit at once ("already finished"),
 # an interrupted one resumes. Stop it as a run: a signal to its whole process group (Ctrl-C;
 # `kill -TERM -- -PGID`) or SLURM job step reaches the runs in progress, which save last.pt;

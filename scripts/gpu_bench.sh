@@ -17,9 +17,10 @@
 #   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind an eager row and a
 #      graph row (a failed row is logged and the next one measured), counts                 95
 #   6. release-style reference vs project (SFC stage one), fp32, the project eager and graph 35
-#   7. SFC stage one, fp32, eager and graph, alone and 2 processes side by side (as its
-#      update and reference runs can train at once); then the pipeline from the fastest row
-#      per stage kind of parts 2-7                                                          85
+#   7. SFC stage one, fp32 graph, alone and 2 side by side (as its update and reference
+#      runs can train at once): two graphs on two streams of one process (their kernels can
+#      overlap), then 2 processes (the device time-slices between processes without MPS);
+#      then the pipeline from the fastest row per stage kind of parts 2-7                    85
 # (limits sum to 480 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
 # read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
@@ -103,8 +104,8 @@ part reference "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITER
   --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph both \
   --json "$OUT/bench_reference.json"
 part side_by_side "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph both --stages segnet_sfc \
-  --side-by-side 2 --json "$OUT/bench_side_by_side.json" \
+  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --stages segnet_sfc \
+  --side-by-side 2 --side-by-side-mode both --json "$OUT/bench_side_by_side.json" \
   --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json "$OUT"/bench_bf16.json
 
 {

@@ -321,14 +321,18 @@ def test_pipeline_takes_pairs_side_by_side_where_faster():
     rows = [row(k, 0.2) for k in steps.KINDS] + [
         row("segnet", 0.3, side_by_side=2),  # pair 0.3 s per iteration: 0.15 per run < 0.2
         row("segnet_sfc", 0.5, side_by_side=2),  # 0.25 per run: slower than one at a time
+        row("segnet_sfc", 0.38, side_by_side=2, side_by_side_mode="streams",
+            cuda_graph=True),  # two graphs on streams in one process: 0.19 per run < 0.2
         row("accel", 0.01, side_by_side=2),  # not a paired kind: ignored
         row("segnet", 0.01, side_by_side=3),  # 3 at once: no pipeline use
         row("accel", 0.001, cuda_graph="emulated"),  # the CPU's emulated graph: no timing
     ]
     out = fastest_pipeline({"stages": rows}, [])
     assert out["configs"]["segnet"] == "fp32 ×2 side by side (each run: half the pair's)"
-    assert out["configs"]["segnet_sfc"] == "fp32" and out["configs"]["accel"] == "fp32"
-    want = (2 * 80_000 * 0.15 + 80_000 * 0.2 + 80_000 * 0.2 + 2 * 120_000 * 0.2
+    assert out["configs"]["segnet_sfc"] == ("fp32 graph ×2 side by side (streams) (each run: "
+                                            "half the pair's)")
+    assert out["configs"]["accel"] == "fp32"
+    want = (2 * 80_000 * 0.15 + 80_000 * 0.2 + 80_000 * 0.2 + 2 * 120_000 * 0.19
             + 160_000 * 0.2) / 3600
     assert out["total_train_h"] == pytest.approx(want, rel=1e-12)
 
@@ -346,6 +350,31 @@ def test_side_by_side_processes_each_report_their_steps(tmp_path):
     assert len(pair["step_s_each"]) == 2 and all(t > 0 for t in pair["step_s_each"])
     assert pair["step_s"] == max(pair["step_s_each"])
     assert [len(t) for t in pair["step_times_s"]] == [2, 2]
+
+
+def test_side_by_side_on_streams_follows_the_graph_rows_only(tmp_path, capsys):
+    """`--side-by-side 2 --side-by-side-mode both --cuda-graph both`: the eager row gets the
+    processes row only, the graph row (emulated on the CPU) processes and streams; the streams
+    row times run 0 alone in the same process and the pair; it needs --cuda-graph."""
+    common = ["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+              "--width", "8", "--iters", "2", "--warmup", "1", "--eval-images", "0",
+              "--no-flops", "--threads", "1", "--stages", "segnet", "--check-every", "5",
+              "--side-by-side", "2"]
+    with pytest.raises(SystemExit, match="streams replays CUDA graphs: add --cuda-graph"):
+        bench_main([*common, "--side-by-side-mode", "streams"])
+    path = tmp_path / "b.json"
+    assert bench_main([*common, "--side-by-side-mode", "both", "--cuda-graph", "both",
+                       "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["stages"]
+    assert [(r["cuda_graph"], r.get("side_by_side"), r.get("side_by_side_mode"))
+            for r in rows] == [(False, None, None), (False, 2, "processes"),
+                               ("emulated", None, None), ("emulated", 2, "streams"),
+                               ("emulated", 2, "processes")]
+    s = rows[3]
+    assert s["step_s"] == s["step_s_each"][0] == s["step_s_each"][1] > 0
+    assert s["step_s_alone"] > 0 and len(s["step_times_alone_s"]) == 2
+    assert s["capture_s"] > 0 and math.isfinite(s["loss_terms"]["seg"])
+    assert "segnet fp32 graph ×2 (streams):" in capsys.readouterr().out
 
 
 def test_a_failed_row_is_reported_and_the_others_still_measured(tmp_path, monkeypatch, capsys):
@@ -386,17 +415,20 @@ def test_side_by_side_reports_a_process_that_failed(tmp_path):
 def test_comparison_table_by_hand():
     """Graph against eager, and a pair alone against side by side (2 × alone / the pair's
     step), from rows of one run; kinds with nothing to compare are left out."""
-    def row(kind, step, graph=False, side=None):
+    def row(kind, step, graph=False, side=None, **kw):
         return {"kind": kind, "precision": "fp32", "step_s": step, "cuda_graph": graph,
-                "side_by_side": side}
+                "side_by_side": side, **kw}
 
+    streams = row("segnet_sfc", 0.090, True, 2, side_by_side_mode="streams",
+                  step_s_alone=0.072)  # 2 × 72 ms alone / 90 ms for both: 1.60×
     table = report.comparison_table([
         row("segnet_sfc", 0.150), row("segnet_sfc", 0.200, side=2),
-        row("segnet_sfc", 0.075, True), row("segnet_sfc", 0.100, True, 2),
+        row("segnet_sfc", 0.075, True), row("segnet_sfc", 0.100, True, 2), streams,
         row("sfm", 0.020), row("accel", 0.060), row("accel", 0.040, True)])
     lines = table.splitlines()
     assert len(lines) == 4  # header, rule, segnet_sfc, accel
     assert lines[2] == ("| segnet_sfc | fp32 | 150.0 | 75.0 | 2.00× | 200.0 | 1.50× | 100.0 "
-                        "| 1.50× |")
-    assert lines[3] == "| accel | fp32 | 60.0 | 40.0 | 1.50× | — | — | — | — |"
+                        "| 1.50× | 90.0 | 1.60× |")
+    assert lines[3] == "| accel | fp32 | 60.0 | 40.0 | 1.50× | — | — | — | — | — | — |"
     assert report.comparison_table([row("sfm", 0.02)]) == ""
+    assert report.config_label(streams) == "fp32 graph ×2 side by side (streams)"

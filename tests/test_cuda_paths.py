@@ -158,6 +158,16 @@ def test_cuda_graph_nan_after_capture_is_found_and_discarded_stickily():
     nan_after_capture(None, device="cuda")
 
 
+def test_cuda_graph_pair_replayed_on_two_streams_equals_one_after_the_other():
+    """Two runs' graphs replayed at the same time on their own streams (`sfc.bench
+    --side-by-side-mode streams`): each reads its own batch of the iteration and writes only
+    its own state — the same loss terms and updates as replayed one after the other."""
+    from test_graphed import concurrent_pair
+
+    runs = concurrent_pair(None, device="cuda")
+    assert runs[0][1].backend.stream != runs[1][1].backend.stream
+
+
 def test_engine_cuda_graph_replays_without_host_sync(tiny_data, tmp_path):
     """The engine with --cuda-graph: a run of 9 iterations makes as many synchronising calls as
     one of 5 (both warm up 3 iterations and capture the 4th), and says so in its log."""

@@ -213,6 +213,60 @@ def test_runner_follows_the_eager_iteration(kind):
     assert runner.warm_done == 2 and runner.calls_to_capture == 0
 
 
+def concurrent_pair(backend_factory, device="cpu", kind="segnet_sfc", iters=5, warmup=1):
+    """Two runs of `kind` (other weights, other batches each iteration), each a graph runner,
+    replayed concurrently (`concurrent=True`, joined after both were launched) against the
+    same two runs replayed one after the other from identical states: the loss terms and the
+    updates agree (rtol 1e-5 / 1e-3 as `lockstep`), i.e. each replay read its own batch of
+    that iteration and nothing of the other run. `backend_factory`: None for real graphs."""
+    from sfc.bench import steps
+
+    def pair():
+        runs = []
+        for r in range(2):
+            st, bc = _stage(kind, device)
+            with torch.no_grad():
+                for t in _state(st):
+                    if t.is_floating_point():
+                        t.mul_(1 + 0.25 * r)  # the runs of a pair have other weights
+            backend = backend_factory() if backend_factory else None
+            runs.append((st, graphed.GraphedStep(st, warmup=warmup, backend=backend), bc))
+        return runs
+
+    together, apart = pair(), pair()
+    before = [[t.detach().clone() for t in _state(st)] for st, _, _ in apart]
+    for i in range(iters):
+        batches = [steps.make_batches(kind, bc, seed=10 * i + r)
+                   for r, (_, _, bc) in enumerate(apart)]
+        t_apart = [steps.train_iteration(st, *b, i, runner=run)
+                   for (st, run, _), b in zip(apart, batches)]
+        t_apart = [{k: float(v) for k, v in t.items()} for t in t_apart]
+        t_together = []
+        for (st, run, _), b in zip(together, batches):
+            st.train_mode()
+            st.set_iteration_lr(i)
+            t_together.append(run(i, b, concurrent=run.captured))
+        for _, run, _ in together:
+            run.join()
+        for ta, tt in zip(t_apart, t_together):
+            for k in ta:
+                torch.testing.assert_close(float(tt[k]), ta[k], rtol=1e-5, atol=1e-7)
+    assert all(run.captured for _, run, _ in together)
+    for b0, (st_a, _, _), (st_t, _, _) in zip(before, apart, together):
+        for b, a, t in zip(b0, _state(st_a), _state(st_t)):
+            if a.is_floating_point():
+                torch.testing.assert_close(t - b, a - b, rtol=1e-3, atol=1e-6)
+            else:
+                assert torch.equal(t, a)
+    return together
+
+
+def test_two_runners_replayed_concurrently_equal_one_after_the_other():
+    """The plumbing of `sfc.bench --side-by-side-mode streams` (on the CPU the emulated graphs
+    run one after the other; tests/test_cuda_paths.py runs it on two CUDA streams)."""
+    concurrent_pair(graphed.TapeBackend)
+
+
 def test_runner_needs_deferred_checks_and_a_warm_up():
     from sfc.bench import steps
 

@@ -5,6 +5,7 @@
     python -m sfc.bench --stages segnet_sfc --reference --size 256 128 --iters 3 --warmup 1
     python -m sfc.bench --stages segnet --loaders --json out.json
     python -m sfc.bench --device cuda --check-every 50 --cuda-graph both --side-by-side 2
+    python -m sfc.bench --device cuda --cuda-graph on --side-by-side 2 --side-by-side-mode both
 
 Sizes: CUDA defaults to the faithful 1280×720 source (VIPER) and 1024×512 target (Cityscapes);
 CPU to 256×128 for both. The table is printed and written next to the JSON (`.md`).
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="also time N processes training the same stage kind on the device at once (as the "
            "update and reference runs of a stage one can run), after each single-process row; "
            "with N = 2 the pipeline estimates take the pairs side by side where that is faster")
+    a("--side-by-side-mode", choices=["processes", "streams", "both"], default="processes",
+      help="how --side-by-side runs its N: processes (each its own CUDA context: the device "
+           "time-slices between them unless NVIDIA's MPS runs), streams (N runs in one process, "
+           "each its own CUDA graph on its own stream, replayed at the same time: graph rows "
+           "only), or both")
     a("--check-every", default="auto", metavar="N|auto",
       help="the engine's --check-every: 1 reads each finiteness check at once (host syncs), "
            "N > 1 keeps them on the device (sfc.train.guard); auto: 1 on the CPU, 50 on CUDA")
@@ -139,8 +145,18 @@ def _meta(args) -> dict:
             "host_cpu": _host_cpu(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "aspp_impl": args.aspp_impl, "dilated_impl": args.dilated_impl,
+            "mps": _mps(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
+
+
+def _mps() -> bool:
+    """Whether NVIDIA's MPS control daemon seems to run (its pipe directory exists): with it,
+    processes side by side share one context and their kernels can overlap; without it the
+    device time-slices between them."""
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or Path(tempfile.gettempdir(),
+                                                                 "nvidia-mps")
+    return Path(pipes).is_dir()
 
 
 def _host_cpu() -> str:
@@ -215,6 +231,17 @@ def _modes(kind: str, graph_modes: tuple[bool, ...]) -> tuple[bool, ...]:
     return graph_modes
 
 
+def _side_modes(args, kind: str, graph: bool) -> tuple[str, ...]:
+    """The side-by-side measurements after a row of `kind`: none without --side-by-side N ≥ 2;
+    streams only for a graph row (they replay CUDA graphs), and first (a time limit that cuts
+    the part short takes the processes row)."""
+    if args.side_by_side < 2:
+        return ()
+    modes = {"processes": ("processes",), "streams": ("streams",),
+             "both": ("streams", "processes")}[args.side_by_side_mode]
+    return tuple(m for m in modes if m == "processes" or (graph and steps.capturable(kind)))
+
+
 def _attempt(res: dict, name: str, say, measure_row, *args, **kwargs):
     """One row's measurement, `measure_row(*args, **kwargs)`; an error is logged with its
     traceback, kept in `res["errors"]`, and the benchmark goes on with the next row (a failed
@@ -258,6 +285,9 @@ def main(argv=None) -> int:
     graph_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graph]
     if args.cuda_graph != "off" and resolve_every(args.check_every, args.device) == 1:
         raise SystemExit("--cuda-graph needs the deferred checks: --check-every N > 1")
+    if args.side_by_side_mode == "streams" and args.cuda_graph == "off":
+        raise SystemExit("--side-by-side-mode streams replays CUDA graphs: add --cuda-graph on "
+                         "or both")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:
@@ -293,20 +323,28 @@ def main(argv=None) -> int:
                         f"{rec['peak_mem_bytes'] / measure.GIB:.2f} GiB, "
                         f"{rec['tflops_per_s'] or float('nan'):.2f} TFLOP/s")
                     _keep(res, "stages", rec, args)
-                    if args.side_by_side >= 2:
-                        log(f"[bench] {name}, {args.side_by_side} processes side by side ...")
-                        rec = _attempt(res, f"{name} ×{args.side_by_side}", log,
-                                       run.measure_side_by_side, kind, bc, args.side_by_side,
-                                       args.iters, args.warmup, ckpt_dir,
-                                       {"cudnn_benchmark": args.cudnn_benchmark,
-                                        "aspp_impl": args.aspp_impl,
-                                        "dilated_impl": args.dilated_impl,
-                                        "threads": args.threads},
-                                       log=log)
+                    for mode in _side_modes(args, kind, graph):
+                        n = args.side_by_side
+                        log(f"[bench] {name}, {n} side by side ({mode}) ...")
+                        if mode == "processes":
+                            rec = _attempt(res, f"{name} ×{n}", log,
+                                           run.measure_side_by_side, kind, bc, n,
+                                           args.iters, args.warmup, ckpt_dir,
+                                           {"cudnn_benchmark": args.cudnn_benchmark,
+                                            "aspp_impl": args.aspp_impl,
+                                            "dilated_impl": args.dilated_impl,
+                                            "threads": args.threads},
+                                           log=log)
+                        else:
+                            rec = _attempt(res, f"{name} ×{n} streams", log,
+                                           run.measure_streams, kind, bc, n, args.iters,
+                                           args.warmup, ckpt_dir=ckpt_dir, log=log)
                         if rec is None:
                             continue
-                        log(f"[bench] {name} ×{args.side_by_side}: " + ", ".join(
-                            f"{t * 1e3:.1f}" for t in rec["step_s_each"]) + " ms/step")
+                        log(f"[bench] {name} ×{n} ({mode}): " + ", ".join(
+                            f"{t * 1e3:.1f}" for t in rec["step_s_each"]) + " ms/step"
+                            + (f" (alone in the same process: {rec['step_s_alone'] * 1e3:.1f})"
+                               if "step_s_alone" in rec else ""))
                         _keep(res, "stages", rec, args)
             for graph in graph_modes:
                 # eager rows; with graph rows: the faster of the two per kind (SFM: eager)

@@ -41,8 +41,8 @@ def stage_table(stages: list[dict]) -> str:
 def comparison_table(stages: list[dict]) -> str:
     """Per stage kind and precision, the eager step against the graph step and each alone
     against 2 side by side (a pair's time: 2 × alone one after the other, the slower process's
-    step side by side): the speed-ups the rows measured in this run. "" if there is nothing
-    to compare."""
+    step side by side; on streams: 2 × run 0 alone in the same process against an iteration of
+    both): the speed-ups the rows measured in this run. "" if there is nothing to compare."""
     def key(r):
         return (r["kind"], r["precision"], bool(r.get("channels_last")),
                 r.get("compile", "none"))
@@ -53,12 +53,15 @@ def comparison_table(stages: list[dict]) -> str:
     groups: dict[tuple, dict] = {}
     for r in stages:
         g = groups.setdefault(key(r), {})
-        g[(bool(r.get("cuda_graph")), r.get("side_by_side") or 1)] = r
+        side = r.get("side_by_side") or 1
+        streams = r.get("side_by_side_mode") == "streams"
+        g[(bool(r.get("cuda_graph")), side if not streams else f"{side} streams")] = r
     rows = []
     for (kind, prec, _, _), g in groups.items():
         eager, graph = g.get((False, 1)), g.get((True, 1))
         pairs = [(g.get((gr, 1)), g.get((gr, 2)), gr) for gr in (False, True)]
-        if not ((eager and graph) or any(a and b for a, b, _ in pairs)):
+        on_streams = g.get((True, "2 streams"))
+        if not ((eager and graph) or any(a and b for a, b, _ in pairs) or on_streams):
             continue
         emulated = any(r.get("cuda_graph") == "emulated" for r in g.values())
         cells = [kind, prec + (" (graph emulated: no timing)" if emulated else ""),
@@ -67,12 +70,15 @@ def comparison_table(stages: list[dict]) -> str:
         for alone, pair, _ in pairs:
             cells += [_f(pair and step(pair), ".1f"),
                       _times(alone and pair and 2 * alone["step_s"] / pair["step_s"])]
+        cells += [_f(on_streams and step(on_streams), ".1f"),
+                  _times(on_streams and 2 * on_streams["step_s_alone"] / on_streams["step_s"])]
         rows.append(cells)
     if not rows:
         return ""
     return _table(["stage", "precision", "eager ms", "graph ms", "graph speed-up",
                    "eager, 2 side by side ms", "pair speed-up (eager)",
-                   "graph, 2 side by side ms", "pair speed-up (graph)"], rows)
+                   "graph, 2 side by side ms", "pair speed-up (graph)",
+                   "graph, 2 on streams ms", "pair speed-up (streams)"], rows)
 
 
 def config_label(r: dict) -> str:
@@ -83,7 +89,8 @@ def config_label(r: dict) -> str:
             + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
             + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
             + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), "")
-            + (f" ×{r['side_by_side']} side by side" if r.get("side_by_side") else ""))
+            + (f" ×{r['side_by_side']} side by side" if r.get("side_by_side") else "")
+            + (" (streams)" if r.get("side_by_side_mode") == "streams" else ""))
 
 
 def counts_cell(c: dict | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
@@ -51,11 +52,7 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
         state["phases"] = None
     counts = measure.profile_counts(step, dev) if profile else None
     eval_s = measure_eval(stage, kind, bc, eval_images) if eval_images > 0 else None
-    rec = {"kind": kind, "precision": bc.precision, "channels_last": bc.channels_last,
-           "source_size": list(bc.source_size), "target_size": list(bc.target_size),
-           "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
-           "compile": bc.compile, "check_every": stage.guard.every,
-           "cuda_graph": steps.graph_label(runner, dev), "dilated_impl": get_dilated_impl(),
+    rec = {**_setup(kind, bc, stage, runner, dev),
            "capture_s": runner.capture_s if runner is not None else None,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
            "flops_per_step": n_flops,
@@ -65,6 +62,15 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "eval_s_per_image": eval_s, "counts": counts,
            "loss_terms": {k: float(v) for k, v in state["terms"].items()}}
     return rec
+
+
+def _setup(kind: str, bc: steps.BenchConfig, stage, runner, dev: torch.device) -> dict:
+    """What a row measured: the stage kind and the configuration its step ran with."""
+    return {"kind": kind, "precision": bc.precision, "channels_last": bc.channels_last,
+            "source_size": list(bc.source_size), "target_size": list(bc.target_size),
+            "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
+            "compile": bc.compile, "check_every": stage.guard.every,
+            "cuda_graph": steps.graph_label(runner, dev), "dilated_impl": get_dilated_impl()}
 
 
 SIDE_BY_SIDE_TIMEOUT_S = 600.0
@@ -146,11 +152,68 @@ def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, w
     recs = [g["rec"] for g in got]
     each = [r["step_s"] for r in recs]
     rec = dict(recs[0])
-    rec.update({"side_by_side": n, "step_s": max(each), "step_s_each": each,
+    rec.update({"side_by_side": n, "side_by_side_mode": "processes", "step_s": max(each),
+                "step_s_each": each,
                 "step_times_s": [r["step_times_s"] for r in recs],
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in recs), "opt_s": None,
                 "counts": None, "loss_terms": {}})
     return rec
+
+
+def measure_streams(kind: str, bc: steps.BenchConfig, n: int, iters: int, warmup: int,
+                    ckpt_dir=None, log=print) -> dict:
+    """`n` runs of one stage kind in one process, each captured as its own CUDA graph
+    (`--cuda-graph`) and replayed on its own stream, all launched before any is waited for:
+    their kernels can run at the same time on the device, which separate processes' kernels
+    cannot without NVIDIA's MPS (each process has its own CUDA context, and the device
+    time-slices between contexts). Times, in the same process, run 0 alone and then an
+    iteration of all `n` (the row's `step_s`: what the pair costs per iteration, as for
+    processes side by side). On the CPU the graphs are emulated and run one after the other:
+    the plumbing only."""
+    if n < 2:
+        raise ValueError(f"side by side needs at least 2 runs, got {n}")
+    if not bc.cuda_graph or not steps.capturable(kind):
+        raise ValueError(f"side by side on streams replays CUDA graphs: {kind} needs "
+                         "--cuda-graph (the segnet and accel kinds)")
+    dev = torch.device(bc.device)
+    runs = []
+    for r in range(n):  # the runs of a pair: other weights, other batches
+        rbc = dataclasses.replace(bc, seed=bc.seed + r)
+        stage = steps.build(kind, rbc, ckpt_dir=ckpt_dir)
+        runs.append({"stage": stage, "runner": steps.graph_runner(kind, stage, rbc),
+                     "batch": steps.make_batches(kind, rbc, seed=rbc.seed), "i": 0,
+                     "terms": {}})
+
+    def one(run, concurrent=False):
+        st = run["stage"]
+        st.train_mode()
+        st.set_iteration_lr(run["i"])
+        run["terms"] = run["runner"](run["i"], run["batch"], concurrent=concurrent)
+        run["i"] += 1
+
+    def together():
+        for run in runs:
+            one(run, concurrent=True)
+        for run in runs:
+            run["runner"].join()
+
+    for run in runs:  # eager warm-up and capture, one run after the other
+        measure.time_calls(lambda run=run: one(run), 0,
+                           max(warmup, run["runner"].calls_to_capture),
+                           dev)
+    alone = measure.time_calls(lambda: one(runs[0]), iters, 0, dev)
+    with measure.memory_block(dev) as mem:
+        times = measure.time_calls(together, iters, 0, dev)
+    s, s_alone = measure.median(times), measure.median(alone)
+    return {**_setup(kind, bc, runs[0]["stage"], runs[0]["runner"], dev),
+            "capture_s": max(run["runner"].capture_s for run in runs),
+            "side_by_side": n, "side_by_side_mode": "streams",
+            "step_s": s, "step_times_s": times, "step_s_each": [s] * n,
+            "step_s_alone": s_alone, "step_times_alone_s": alone, "opt_s": None,
+            "flops_per_step": None, "tflops_per_s": None, "peak_mem_bytes": int(mem.peak),
+            "peak_mem_kind": "cuda_max_allocated" if dev.type == "cuda" else "rss_sampled",
+            "eval_s_per_image": None, "counts": None,
+            "loss_terms": {k: float(v) for k, v in runs[0]["terms"].items()}}
 
 
 def release_memory(device: str) -> None:

@@ -31,6 +31,12 @@ graphs would be captured inside this one). Numerics: the same step, except the S
 bit-identical); warm-up and replays use the same update, so a resumed run follows the same
 program as an uninterrupted one.
 
+Several runs in one process (the benchmark's `--side-by-side-mode streams`): each runner's
+graph is captured on its own stream; `runner(i, batch, concurrent=True)` launches the replay
+there after the current stream's work (the batch copied in) without waiting for it, and
+`join()` makes the current stream wait — launched together, two runs' kernels can overlap on
+the device, which two processes' kernels cannot without MPS.
+
 On the CPU (tests, the benchmark's dry run) `TapeBackend` emulates a graph op by op: what goes
 stale or cannot be captured in a real graph goes stale or is refused there too.
 """
@@ -100,8 +106,20 @@ class CudaGraphBackend:
         self.graph = graph
         return out
 
-    def replay(self) -> None:
-        self.graph.replay()
+    def replay(self, concurrent: bool = False) -> None:
+        """Launch the graph. On the current stream, or with `concurrent` on this backend's own
+        stream after the current stream's work so far (the batch copied in), not joined: graphs
+        of several backends launched so run at the same time; `join` before reading results."""
+        if not concurrent:
+            self.graph.replay()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            self.graph.replay()
+
+    def join(self) -> None:
+        """The current stream waits for this backend's stream (after a concurrent replay)."""
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 # aten ops that make the host wait for the device (a device → host read): a scalar read
@@ -177,7 +195,10 @@ class TapeBackend:
         self.ops = tape.ops
         return out
 
-    def replay(self) -> None:
+    def join(self) -> None:  # one stream: a "concurrent" replay has run already
+        pass
+
+    def replay(self, concurrent: bool = False) -> None:
         with torch.no_grad():
             for func, args, kwargs, old in self.ops:
                 new = func(*args, **kwargs)
@@ -246,7 +267,11 @@ class GraphedStep:
         st.optimizer_step(self.iter_t)
         return terms
 
-    def __call__(self, i: int, batch) -> dict:
+    def __call__(self, i: int, batch, concurrent: bool = False) -> dict:
+        """`concurrent`: a replay is launched on the backend's own stream and not joined, so
+        that the graphs of several runs in one process replay at the same time
+        (`sfc.bench --side-by-side-mode streams`); call `join()` before reading the terms or the
+        state, or before the next call. Warm-up and capture calls complete as usual."""
         self.iter_t.fill_(i)
         if not self.captured and self.warm_done < self.warmup:
             with self.backend.warm():
@@ -269,8 +294,12 @@ class GraphedStep:
                 return self.terms
         else:
             self._copy_in(batch)
-        self.backend.replay()
+        self.backend.replay(concurrent=concurrent)
         return self.terms
+
+    def join(self) -> None:
+        """The current stream waits for this runner's concurrent replay."""
+        self.backend.join()
 
     def _copy_in(self, batch) -> None:
         have = dict(_leaves(self.static))
