@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthia-val-frames", type=int, default=50,
       help="SFM on SYNTHIA-Seq: the last N annotated frames are held out as source val")
     a("--val-limit", type=int, default=None, help="evaluate only the first N val clips")
+    a("--val-cache-gb", type=float, default=8.0, metavar="GB",
+      help="keep the validation batches in memory after the first complete evaluation, up to "
+           "this many GiB per process (Cityscapes val at 1024×512: 1.7), so later "
+           "evaluations read no files; the same batches, the same results; 0: off")
     a("--num-workers", type=int, default=4, help="data-loader workers per loader")
     a("--device", default=None, help="cuda / cpu (default: cuda:LOCAL_RANK if available)")
     a("--amp", choices=["none", "bf16"], default="none", help="autocast (CUDA); fp32 default")
@@ -164,7 +168,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("iters", "eval_every", "log_every", "batch_size", "width", "val_limit",
                  "synthia_val_frames"):
         flags.check_number(args, name, low=1)
-    for name in ("num_workers", "warmup_iters", "weight_decay", "sfc_weight", "warmup_lr"):
+    for name in ("num_workers", "warmup_iters", "weight_decay", "sfc_weight", "warmup_lr",
+                 "val_cache_gb"):
         flags.check_number(args, name, low=0)
     flags.check_number(args, "lr", low=0, low_open=True)
     flags.check_number(args, "scale", low=0, low_open=True)
@@ -263,7 +268,7 @@ def build_data(cfg) -> Data:
             source = make_dataset("synthia_seq", cfg.data, split="train", holdout_val=True,
                                   val_frames=n, **src_kw)
             val = make_dataset("synthia_seq", cfg.data, split="val", val_frames=n,
-                               frames=2, size=tuple(cfg.source_size), prev_label=True)
+                               frames=2, size=tuple(cfg.source_size), prev_label=True, raw=True)
             note = f"SFM val: the last {n} annotated SYNTHIA-Seq frames (held out)"
         else:
             source = make_dataset("viper", cfg.data, split="train", **src_kw)
@@ -275,7 +280,7 @@ def build_data(cfg) -> Data:
                         "SFM val: the frames of the release's VIPER val list are not under "
                         f"{Path(cfg.data) / DATASET_DIRS['viper']} (a synthetic tree?); "
                         "using all annotated val frames instead")
-            val = make_dataset("viper", cfg.data, split="val", frames=2,
+            val = make_dataset("viper", cfg.data, split="val", frames=2, raw=True,
                                size=tuple(cfg.source_size), prev_label=True, list_file=val_list)
         return Data(source, None, val, None, notes=(note,))
     source = make_dataset(cfg.source, cfg.data, split="train", **src_kw)
@@ -284,7 +289,8 @@ def build_data(cfg) -> Data:
         frames = 3 if cfg.stage == "accel" else 2  # SFC stage two: (t-2, t-1, t)
         target = make_dataset("cityscapes", cfg.data, split="train", frames=frames,
                               size=tuple(cfg.target_size), classes=c, raw=True)
-    val = make_dataset("cityscapes", cfg.data, split="val", frames=2,
+    # validation clips raw too: kept so in memory by the validation cache (sfc.train.valcache)
+    val = make_dataset("cityscapes", cfg.data, split="val", frames=2, raw=True,
                        size=tuple(cfg.target_size), classes=c, list_file=cfg.val_list)
     return Data(source, target, val, protocol)
 

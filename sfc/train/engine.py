@@ -67,6 +67,7 @@ from sfc.train.streams import (
     to_device,
     worker_init,
 )
+from sfc.train.valcache import CachedLoader
 
 # A second signal this soon after the first is the same stop delivered twice — the job step
 # signals every process and a launcher (torchrun) forwards the same signal to its workers —
@@ -238,9 +239,11 @@ class Trainer:
         val = data.val
         if cfg.val_limit is not None:
             val = Subset(val, range(min(cfg.val_limit, len(val))))
-        self.val_loader = SignalSafeLoader(DataLoader(
+        # on the device; after the first complete evaluation from memory (--val-cache-gb)
+        self.val_loader = CachedLoader(SignalSafeLoader(DataLoader(
             val, batch_size=1, sampler=dist.ShardSampler(val), num_workers=cfg.num_workers,
-            pin_memory=pin, worker_init_fn=worker_init()))
+            pin_memory=pin, worker_init_fn=worker_init())), self.device,
+            getattr(cfg, "val_cache_gb", 0.0), log=self.log.info)
 
     def close(self) -> None:
         for stream in getattr(self, "streams", {}).values():
