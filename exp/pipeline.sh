@@ -9,6 +9,11 @@
 #                   one after the other. Whether that is faster on your GPU: sfc.bench
 #                   --side-by-side 2 (docs/benchmark.md); without NVIDIA's MPS daemon the
 #                   two processes take turns on the GPU (time slicing).
+#   MPS=1           with SIDE_BY_SIDE=1: the runs are clients of NVIDIA's Multi-Process
+#                   Service, so the kernels of a pair can run at the same time: a private MPS
+#                   control daemon (pipes and logs in a temporary folder) is started for the
+#                   pipeline and stopped when it ends, or the one CUDA_MPS_PIPE_DIRECTORY names
+#                   is used. Needs nvidia-cuda-mps-control on PATH.
 # Run the same command again after a stop: finished runs exit at once ("already finished"),
 # an interrupted one resumes. Stop it as a run: a signal to its whole process group (Ctrl-C;
 # `kill -TERM -- -PGID`) or SLURM job step reaches the runs in progress, which save last.pt;
@@ -17,6 +22,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SIDE_BY_SIDE="${SIDE_BY_SIDE:-0}"
+MPS="${MPS:-0}"
 # outlive the job signals and wait for the runs (they get the signals themselves)
 trap ':' INT TERM USR1
 
@@ -64,6 +70,33 @@ pair() {  # pair DIR ARGS... : DIR/update.sh and DIR/reference.sh, side by side 
   stop_if_failed "$dir/reference.sh" "$rb"
 }
 
+start_mps() {  # MPS=1: a private MPS control daemon for the pipeline (or the given one)
+  if [[ "$SIDE_BY_SIDE" != 1 ]]; then
+    echo "error: MPS=1 is for the pairs side by side: set SIDE_BY_SIDE=1 too" >&2
+    exit 2
+  fi
+  if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+    echo "error: MPS=1 needs nvidia-cuda-mps-control (NVIDIA's Multi-Process Service) on PATH" >&2
+    exit 2
+  fi
+  if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
+    echo "== pipeline: MPS: the daemon of CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY" >&2
+    return
+  fi
+  MPS_DIR="$(mktemp -d -t sfc-mps.XXXXXX)"
+  export CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log"
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if ! nvidia-cuda-mps-control -d; then
+    echo "error: the MPS control daemon did not start (its log: $CUDA_MPS_LOG_DIRECTORY)" >&2
+    exit 1
+  fi
+  trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; rm -rf "$MPS_DIR"' EXIT
+  echo "== pipeline: MPS control daemon started (pipes in $CUDA_MPS_PIPE_DIRECTORY)" >&2
+}
+
+if [[ "$MPS" == 1 ]]; then
+  start_mps
+fi
 pair FlowNet_pretrain/stage_one/script "$@"
 one FlowNet_pretrain/stage_two/script/train.sh "$@"
 one SFM/script/train.sh "$@"

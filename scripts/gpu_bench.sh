@@ -18,9 +18,11 @@
 #      graph row (a failed row is logged and the next one measured), counts                 95
 #   6. release-style reference vs project (SFC stage one), fp32, the project eager and graph 35
 #   7. SFC stage one, fp32 graph, alone and 2 side by side (as its update and reference
-#      runs can train at once): two graphs on two streams of one process (their kernels can
-#      overlap), then 2 processes (the device time-slices between processes without MPS);
-#      then the pipeline from the fastest row per stage kind of parts 2-7                    85
+#      runs can train at once) as two graphs on two streams of one process (their kernels
+#      can overlap); the pipeline from the fastest row per stage kind of parts 2-7           50
+#   8. the same, alone and as 2 processes, under a private MPS control daemon where
+#      nvidia-cuda-mps-control exists (what MPS=1 SIDE_BY_SIDE=1 exp/pipeline.sh does; without
+#      MPS the device time-slices between processes); the pipeline again, with this row      50
 # (limits sum to 480 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
 # read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
@@ -43,7 +45,7 @@ if [[ "${SFC_BENCH_DRY:-0}" == "1" ]]; then
   SIZE=(--size 64 32 --layers 1 1 1 1 --width 8)
   ITERS=(--iters 1 --warmup 0 --eval-images 1)
   REF_ITERS=(--iters 1 --warmup 0)
-  T=(60 120 60 120 120 60 120)
+  T=(60 120 60 120 120 60 120 120)
   CONVS=(--scale 0.125 --iters 2 --warmup 1)
   PYTEST_MARK="cuda and not slow"
   [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON:-}" ]] && PY="$ROOT/.venv/bin/python"
@@ -52,7 +54,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(75 100 20 70 95 35 85)
+  T=(70 100 20 65 90 35 50 50)
   CONVS=()
   PYTEST_MARK="cuda"
 fi
@@ -103,10 +105,37 @@ part bench_bf16 "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@
 part reference "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
   --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph both \
   --json "$OUT/bench_reference.json"
+EARLIER=("$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json "$OUT"/bench_bf16.json)
 part side_by_side "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --stages segnet_sfc \
-  --side-by-side 2 --side-by-side-mode both --json "$OUT/bench_side_by_side.json" \
-  --pipeline-from "$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json "$OUT"/bench_bf16.json
+  --side-by-side 2 --side-by-side-mode streams --json "$OUT/bench_side_by_side.json" \
+  --pipeline-from "${EARLIER[@]}"
+MPS_DIR=""
+if [[ "${SFC_BENCH_DRY:-0}" != "1" ]] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+  MPS_DIR="$(mktemp -d -t sfc-mps.XXXXXX)"
+  export CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log"
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    echo "MPS control daemon started (pipes in $CUDA_MPS_PIPE_DIRECTORY)" | tee -a "$LOG"
+  else
+    echo "MPS control daemon did not start: the processes part runs without MPS" | tee -a "$LOG"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+else
+  echo "no MPS here (or a dry run): the processes part runs without it" | tee -a "$LOG"
+fi
+part processes "${T[7]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
+  "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --stages segnet_sfc \
+  --side-by-side 2 --side-by-side-mode processes --json "$OUT/bench_processes.json" \
+  --pipeline-from "${EARLIER[@]}" "$OUT"/bench_side_by_side.json
+if [[ -n "$MPS_DIR" ]]; then
+  if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
+    echo quit | timeout 20 nvidia-cuda-mps-control || echo "MPS daemon: quit failed" >> "$LOG"
+    { echo "--- MPS logs"; cat "$CUDA_MPS_LOG_DIRECTORY"/*.log; } >> "$LOG" 2>/dev/null
+  fi
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  rm -rf "$MPS_DIR"
+fi
 
 {
   echo "gpu_bench finished $(date -Is)"

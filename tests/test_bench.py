@@ -377,6 +377,22 @@ def test_side_by_side_on_streams_follows_the_graph_rows_only(tmp_path, capsys):
     assert "segnet fp32 graph ×2 (streams):" in capsys.readouterr().out
 
 
+def test_processes_under_mps_are_detected_and_labelled(tmp_path, monkeypatch):
+    from sfc.bench.measure import mps_running
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "pipe"))
+    assert not mps_running()
+    (tmp_path / "pipe").mkdir()
+    assert mps_running()
+    row = {"kind": "segnet_sfc", "precision": "fp32", "step_s": 0.1, "cuda_graph": True,
+           "check_every": 50, "side_by_side": 2, "side_by_side_mode": "processes", "mps": True}
+    assert report.config_label(row) == "fp32 checks/50 graph ×2 side by side (MPS)"
+    alone = {**row, "side_by_side": None, "side_by_side_mode": None, "mps": False,
+             "step_s": 0.08}
+    line = report.comparison_table([alone, row]).splitlines()[2]
+    assert line.startswith("| segnet_sfc | fp32 (processes under MPS) |") and "1.60×" in line
+
+
 def test_a_failed_row_is_reported_and_the_others_still_measured(tmp_path, monkeypatch, capsys):
     """A row that raises (here every --cuda-graph runner, as a failed capture would) is logged
     with its error and kept in "errors"; the rows after it are measured; exit status 1."""
@@ -432,3 +448,22 @@ def test_comparison_table_by_hand():
     assert lines[3] == "| accel | fp32 | 60.0 | 40.0 | 1.50× | — | — | — | — | — | — |"
     assert report.comparison_table([row("sfm", 0.02)]) == ""
     assert report.config_label(streams) == "fp32 graph ×2 side by side (streams)"
+
+
+def test_gpu_bench_script_fits_its_eight_minutes():
+    """scripts/gpu_bench.sh: every part under a limit of its own, each limit used by exactly one
+    part, and the GPU limits summing to at most 480 s (issue 18: ≤ 8 minutes)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "scripts" / "gpu_bench.sh").read_text()
+    gpu, dry = (list(map(int, m.split()))
+                for m in re.findall(r"^\s*T=\(([\d ]+)\)", text, flags=re.M)[::-1])
+    parts = re.findall(r'^\s*part (\w+) "\$\{T\[(\d)\]\}"', text, flags=re.M)
+    by_limit = {}
+    for name, i in parts:  # the CUDA tests: one part in two forms (pytest there or not)
+        by_limit.setdefault(int(i), set()).add(name)
+    assert sorted(by_limit) == list(range(len(gpu))) == list(range(len(dry)))
+    assert all(len(names) == 1 for names in by_limit.values()), by_limit
+    assert len(gpu) == 8
+    assert sum(gpu) <= 480

@@ -27,6 +27,7 @@ stop() {  # as sfc.train: finish, save last.pt (a second), exit 128 + signal
 trap 'stop 143' TERM
 trap 'stop 138' USR1
 echo "start $name $(date +%s.%N)" >> "$STUB_LOG"
+[[ -n "${STUB_MPS_LOG:-}" ]] && echo "$name ${CUDA_MPS_PIPE_DIRECTORY:-none}" >> "$STUB_MPS_LOG"
 case "$name" in  # STUB_PAIR_SLEEP: the stage-one runs only (the overlap test)
   *stage_one*) sleep "${STUB_PAIR_SLEEP:-${STUB_SLEEP:-0.3}}" & wait $! ;;
   *) sleep "${STUB_SLEEP:-0.3}" & wait $! ;;
@@ -87,6 +88,57 @@ def test_side_by_side_overlaps_each_stage_one_pair_only(tmp_path):
                           ("SFC/stage_one/update", "SFC/stage_two/train"),
                           ("SFC/stage_one/reference", "SFC/stage_two/train")):
         assert t[("end", before)] <= t[("start", after)]
+
+
+MPS_STUB = r"""#!/usr/bin/env bash
+# stands in for nvidia-cuda-mps-control: logs "-d" (with its pipe directory) and "quit"
+if [[ "${1:-}" == "-d" ]]; then
+  [[ -d "$CUDA_MPS_PIPE_DIRECTORY" && -d "$CUDA_MPS_LOG_DIRECTORY" ]] || exit 1
+  echo "daemon $CUDA_MPS_PIPE_DIRECTORY" >> "$STUB_MPS_LOG"
+else
+  read -r cmd; echo "$cmd $CUDA_MPS_PIPE_DIRECTORY" >> "$STUB_MPS_LOG"
+fi
+"""
+
+
+@pytest.mark.parametrize("fail", [None, "SFC/stage_one/update"])
+def test_mps_daemon_serves_the_runs_and_is_quit_at_the_end(tmp_path, fail):
+    """MPS=1 SIDE_BY_SIDE=1: a private MPS control daemon is started before the first run, every
+    run is its client (CUDA_MPS_PIPE_DIRECTORY), and it is quit and its folder removed when the
+    pipeline ends — also when a run fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-cuda-mps-control").write_text(MPS_STUB)
+    (bin_dir / "nvidia-cuda-mps-control").chmod(0o755)
+    mps_log = tmp_path / "mps.txt"
+    env = {"SIDE_BY_SIDE": "1", "MPS": "1", "STUB_MPS_LOG": str(mps_log),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    if fail:
+        env["STUB_FAIL"] = fail
+    proc, log = _pipeline(tmp_path, **env)
+    assert proc.returncode == (3 if fail else 0), proc.stderr
+    rows = [ln.split() for ln in mps_log.read_text().splitlines()]
+    assert rows[0][0] == "daemon" and rows[-1][0] == "quit"
+    pipes = rows[0][1]
+    assert Path(pipes).name == "pipe" and rows[-1][1] == pipes
+    runs = rows[1:-1]
+    started = [n for w, n, _ in log if w == "start"]
+    assert sorted(r[0] for r in runs) == sorted(started) and len(started) == (6 if fail else 7)
+    assert all(r[1] == pipes for r in runs)
+    assert not Path(pipes).parent.exists()  # the private folder removed
+    assert "MPS control daemon started" in proc.stderr
+
+
+def test_mps_needs_side_by_side_and_the_control_binary(tmp_path):
+    proc, log = _pipeline(tmp_path, MPS="1")
+    assert proc.returncode == 2 and "set SIDE_BY_SIDE=1 too" in proc.stderr and log == []
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not (Path(d) / "nvidia-cuda-mps-control").exists())
+    proc = subprocess.run(["bash", str(REPO / "exp" / "pipeline.sh"), *ARGS],
+                          capture_output=True, text=True, timeout=60,
+                          env=_env(tmp_path, MPS="1", SIDE_BY_SIDE="1", PATH=path))
+    assert proc.returncode == 2
+    assert "MPS=1 needs nvidia-cuda-mps-control" in proc.stderr
 
 
 def test_a_failure_stops_the_pipeline_with_its_status(tmp_path):

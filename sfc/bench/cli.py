@@ -145,18 +145,9 @@ def _meta(args) -> dict:
             "host_cpu": _host_cpu(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "aspp_impl": args.aspp_impl, "dilated_impl": args.dilated_impl,
-            "mps": _mps(),
+            "mps": measure.mps_running(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "command": "python -m sfc.bench " + " ".join(sys.argv[1:])}
-
-
-def _mps() -> bool:
-    """Whether NVIDIA's MPS control daemon seems to run (its pipe directory exists): with it,
-    processes side by side share one context and their kernels can overlap; without it the
-    device time-slices between them."""
-    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or Path(tempfile.gettempdir(),
-                                                                 "nvidia-mps")
-    return Path(pipes).is_dir()
 
 
 def _host_cpu() -> str:

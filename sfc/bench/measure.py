@@ -86,6 +86,19 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
+def mps_running() -> bool:
+    """Whether this process's CUDA work would go through NVIDIA's MPS (its control daemon's
+    pipe directory exists: `CUDA_MPS_PIPE_DIRECTORY`, or the default one): with it, processes
+    side by side share one context and their kernels can overlap; without it the device
+    time-slices between them."""
+    import tempfile
+    from pathlib import Path
+
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or Path(tempfile.gettempdir(),
+                                                                 "nvidia-mps")
+    return Path(pipes).is_dir()
+
+
 def time_calls(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
     """Wall time (s) of each of `iters` calls after `warmup` untimed ones, synchronised."""
     for _ in range(warmup):

@@ -64,7 +64,9 @@ def comparison_table(stages: list[dict]) -> str:
         if not ((eager and graph) or any(a and b for a, b, _ in pairs) or on_streams):
             continue
         emulated = any(r.get("cuda_graph") == "emulated" for r in g.values())
-        cells = [kind, prec + (" (graph emulated: no timing)" if emulated else ""),
+        mps = any(r.get("mps") for r in g.values())
+        cells = [kind, prec + (" (graph emulated: no timing)" if emulated else "")
+                 + (" (processes under MPS)" if mps else ""),
                  _f(eager and step(eager), ".1f"), _f(graph and step(graph), ".1f"),
                  _times(eager and graph and eager["step_s"] / graph["step_s"])]
         for alone, pair, _ in pairs:
@@ -90,7 +92,8 @@ def config_label(r: dict) -> str:
             + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
             + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), "")
             + (f" ×{r['side_by_side']} side by side" if r.get("side_by_side") else "")
-            + (" (streams)" if r.get("side_by_side_mode") == "streams" else ""))
+            + (" (streams)" if r.get("side_by_side_mode") == "streams" else "")
+            + (" (MPS)" if r.get("mps") else ""))
 
 
 def counts_cell(c: dict | None) -> str:

@@ -152,7 +152,8 @@ def measure_side_by_side(kind: str, bc: steps.BenchConfig, n: int, iters: int, w
     recs = [g["rec"] for g in got]
     each = [r["step_s"] for r in recs]
     rec = dict(recs[0])
-    rec.update({"side_by_side": n, "side_by_side_mode": "processes", "step_s": max(each),
+    rec.update({"side_by_side": n, "side_by_side_mode": "processes",
+                "mps": measure.mps_running(), "step_s": max(each),
                 "step_s_each": each,
                 "step_times_s": [r["step_times_s"] for r in recs],
                 "peak_mem_bytes": max(r["peak_mem_bytes"] for r in recs), "opt_s": None,
