@@ -43,8 +43,10 @@ def test_second_pass_reads_no_files_and_equals_the_float_path(tiny_data):
     assert len(cl) == len(flt) >= 2
     first = list(cl)
     assert raw.reads == len(flt) and cl.items is not None
-    assert logs == [f"validation cache: {len(flt)} batches, {cl.nbytes / 1024**3:.2f} GiB in "
-                    "memory; later evaluations read no files"]
+    one = 3 * 2 * 32 * 64 + 32 * 64  # a clip's bytes: uint8 BGR, 2 frames; int8 label
+    assert cl.nbytes == len(flt) * one
+    assert logs == [f"validation cache: {len(flt)} batches, {len(flt) * one / 2**20:.1f} MiB "
+                    "in memory; later evaluations read no files"]
     second = list(cl)
     assert raw.reads == len(flt)  # no file read again
     for i, (a, b) in enumerate(zip(first, second)):

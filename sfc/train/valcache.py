@@ -108,8 +108,9 @@ class CachedLoader:
             yield to_device(batch, self.device)
         if kept is not None:  # a complete pass: later evaluations read memory
             self.items = kept
-            self.log(f"validation cache: {len(kept)} batches, {size / GIB:.2f} GiB in memory; "
-                     "later evaluations read no files")
+            amount = f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
+            self.log(f"validation cache: {len(kept)} batches, {amount} in memory; later "
+                     "evaluations read no files")
 
 
 __all__ = ["CachedLoader"]
