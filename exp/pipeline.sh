@@ -83,14 +83,12 @@ start_mps() {  # MPS=1: a private MPS control daemon for the pipeline (or the gi
     echo "== pipeline: MPS: the daemon of CUDA_MPS_PIPE_DIRECTORY=$CUDA_MPS_PIPE_DIRECTORY" >&2
     return
   fi
-  MPS_DIR="$(mktemp -d -t sfc-mps.XXXXXX)"
-  export CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log"
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if ! nvidia-cuda-mps-control -d; then
-    echo "error: the MPS control daemon did not start (its log: $CUDA_MPS_LOG_DIRECTORY)" >&2
+  source "$HERE/mps.sh"
+  if ! mps_start; then
+    echo "error: the MPS control daemon did not start (its log: $MPS_LOG_DIR)" >&2
     exit 1
   fi
-  trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; rm -rf "$MPS_DIR"' EXIT
+  trap 'mps_stop' EXIT
   echo "== pipeline: MPS control daemon started (pipes in $CUDA_MPS_PIPE_DIRECTORY)" >&2
 }
 

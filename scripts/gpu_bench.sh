@@ -110,16 +110,13 @@ part side_by_side "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --stages segnet_sfc \
   --side-by-side 2 --side-by-side-mode streams --json "$OUT/bench_side_by_side.json" \
   --pipeline-from "${EARLIER[@]}"
+source "$ROOT/exp/mps.sh"
 MPS_DIR=""
 if [[ "${SFC_BENCH_DRY:-0}" != "1" ]] && command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-  MPS_DIR="$(mktemp -d -t sfc-mps.XXXXXX)"
-  export CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log"
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if nvidia-cuda-mps-control -d; then
+  if mps_start; then
     echo "MPS control daemon started (pipes in $CUDA_MPS_PIPE_DIRECTORY)" | tee -a "$LOG"
   else
     echo "MPS control daemon did not start: the processes part runs without MPS" | tee -a "$LOG"
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
 else
   echo "no MPS here (or a dry run): the processes part runs without it" | tee -a "$LOG"
@@ -128,14 +125,7 @@ part processes "${T[7]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --stages segnet_sfc \
   --side-by-side 2 --side-by-side-mode processes --json "$OUT/bench_processes.json" \
   --pipeline-from "${EARLIER[@]}" "$OUT"/bench_side_by_side.json
-if [[ -n "$MPS_DIR" ]]; then
-  if [[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]]; then
-    echo quit | timeout 20 nvidia-cuda-mps-control || echo "MPS daemon: quit failed" >> "$LOG"
-    { echo "--- MPS logs"; cat "$CUDA_MPS_LOG_DIRECTORY"/*.log; } >> "$LOG" 2>/dev/null
-  fi
-  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  rm -rf "$MPS_DIR"
-fi
+mps_stop "$LOG"
 
 {
   echo "gpu_bench finished $(date -Is)"

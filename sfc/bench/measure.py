@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,9 +93,6 @@ def mps_running() -> bool:
     pipe directory exists: `CUDA_MPS_PIPE_DIRECTORY`, or the default one): with it, processes
     side by side share one context and their kernels can overlap; without it the device
     time-slices between them."""
-    import tempfile
-    from pathlib import Path
-
     pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or Path(tempfile.gettempdir(),
                                                                  "nvidia-mps")
     return Path(pipes).is_dir()
