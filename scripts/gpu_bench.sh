@@ -6,17 +6,20 @@
 #
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
 #   1. CUDA tests (pytest -m cuda -x: --cuda-graph in lockstep with the eager iteration and
-#      its engine run without syncs, the s2b convolution — never run on a GPU, so first —
-#      then a bf16 step per stage kind, the no-sync deferred checks, ...)                  75
+#      its engine run without syncs, the s2b convolution, the stacked forwards — never run
+#      on a GPU, so first — then a bf16 step per stage kind, the no-sync deferred checks) 70
 #   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, deferred checks
 #      (--check-every 50, the CUDA default): FLOPs, evaluation, profiler counts             100
 #   3. the backbone's dilated convolutions, native against space-to-batch (sfc.bench.convs:
 #      one convolution of layer3 / layer4 per input size, fp32 and bf16)                   20
 #   4. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
-#      CUDA graph), counts — a process of its own: a failed capture cannot cost part 2       70
-#   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind an eager row and a
-#      graph row (a failed row is logged and the next one measured), counts                 95
-#   6. release-style reference vs project (SFC stage one), fp32, the project eager and graph 35
+#      CUDA graph), and the two SFC kinds again with their target forwards stacked in one
+#      batch (--stack-forwards), counts — a process of its own: a failed capture cannot
+#      cost part 2                                                                          85
+#   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind a graph row (the
+#      SFM eager; a failed row is logged and the next one measured), counts                 70
+#   6. release-style reference vs project (SFC stage one), fp32, the project's graph step
+#      with its target forwards apart and stacked                                           35
 #   7. SFC stage one, fp32 graph, alone and 2 side by side (as its update and reference
 #      runs can train at once) as two graphs on two streams of one process (their kernels
 #      can overlap); the pipeline from the fastest row per stage kind of parts 2-7           50
@@ -24,7 +27,7 @@
 #      nvidia-cuda-mps-control exists (what MPS=1 SIDE_BY_SIDE=1 exp/pipeline.sh does; without
 #      MPS the device time-slices between processes); the pipeline again, with this row      50
 # (limits sum to 480 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
-# read at once (--check-every 1); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
+# read at once (--check-every 1); bf16 eager (0.87-1.49x fp32); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
 # against 154.1 fp32 eager, 86-100 s of compilation); the loaders (8 workers: 27-59 samples/s,
 # code unchanged since). $OUT (default save_results/gpu_bench) gets 3 files (the device tool
@@ -54,7 +57,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(70 100 20 65 90 35 50 50)
+  T=(70 100 20 85 70 35 50 50)
   CONVS=()
   PYTEST_MARK="cuda"
 fi
@@ -85,7 +88,7 @@ echo "$ENV" | tee -a "$LOG"
 if "$PY" -c "import pytest" 2>/dev/null; then
   # the tests never run on a GPU yet first (--cuda-graph's real capture, the s2b convolution),
   # so that a slow cold start cannot cut them off; then the others
-  NEW="cuda_graph or s2b"
+  NEW="cuda_graph or s2b or stacked"
   part tests_cuda "${T[0]}" bash -c '"$0" -m pytest -q -x --tb=short -m "$1" -k "$2" tests \
     -p no:cacheprovider; a=$?; "$0" -m pytest -q -x --tb=short -m "$1" -k "not ($2)" tests \
     -p no:cacheprovider; b=$?; exit $(( a > b ? a : b ))' "$PY" "$PYTEST_MARK" "$NEW"
@@ -98,12 +101,14 @@ part convs "${T[2]}" "$PY" -m sfc.bench.convs "${DEV[@]:0:2}" "${CONVS[@]}" \
   --cudnn-benchmark --json "$OUT/bench_convs.json"
 part bench_fp32_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --profile-counts \
-  --stages segnet segnet_sfc accel accel_sfc --json "$OUT/bench_fp32_graph.json"
+  --stages segnet segnet_sfc accel accel_sfc --stack-forwards both \
+  --json "$OUT/bench_fp32_graph.json"
 part bench_bf16 "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph both \
+  "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph on \
   --profile-counts --json "$OUT/bench_bf16.json"
 part reference "${T[5]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${REF_ITERS[@]}" \
-  --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph both \
+  --stages --reference --reference-stages segnet_sfc "${DEFER[@]}" --cuda-graph on \
+  --stack-forwards both \
   --json "$OUT/bench_reference.json"
 EARLIER=("$OUT"/bench_fp32.json "$OUT"/bench_fp32_graph.json "$OUT"/bench_bf16.json)
 part side_by_side "${T[6]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sfc.models.deeplab import upsample_like
+from sfc.models.stacked import split_stacked, stacked
 
 AUX_WEIGHT = 0.1  # multi-level: main + 0.1 · aux (method §4)
 IGNORE = -1
@@ -189,18 +190,32 @@ def sfm_loss(img_prev: torch.Tensor, img_cur: torch.Tensor, gt_prev: torch.Tenso
 def accel_sfc_loss(seg_clip: torch.Tensor, flow_clip: torch.Tensor,
                    seg_clip_prev: torch.Tensor, flow_clip_prev: torch.Tensor, accel: nn.Module,
                    flownet_global: nn.Module, sfm: nn.Module,
-                   scale: float = 100.0) -> torch.Tensor:
+                   scale: float = 100.0, stack: bool = False) -> torch.Tensor:
     """Stage-two SFC loss (method §4): Accel predicts frame t from `(seg_clip, flow_clip)` (frames
     t-1, t) and frame t-1 from the `_prev` clips (t-2, t-1); SF from both predictions' soft
     masks on the flow images of t-1 and t; `EPE(SF, OF)`, no aux. Clips `B×3×T×H×W`.
 
-    Two separate Accel calls (frame t first), as batch-statistics BatchNorm needs.
+    Two separate Accel calls (frame t first), as batch-statistics BatchNorm needs — or, with
+    `stack`, one call on both clips with per-clip BatchNorm statistics (`accel_pair`).
     """
-    logits_cur = accel(seg_clip, flow_clip)  # (B, C, H, W)
-    logits_prev = accel(seg_clip_prev, flow_clip_prev)
+    logits_cur, logits_prev = accel_pair(accel, seg_clip, flow_clip, seg_clip_prev,
+                                         flow_clip_prev, stack=stack)  # (B, C, H, W) each
     img_cur, img_prev = flow_clip[:, :, -1], flow_clip_prev[:, :, -1]
     of = global_flow(flownet_global, img_prev, img_cur)
     return epe(_sf_from_logits(logits_prev, logits_cur, img_prev, img_cur, sfm, scale), of)
+
+
+def accel_pair(accel: nn.Module, seg_clip: torch.Tensor, flow_clip: torch.Tensor,
+               seg_clip_2: torch.Tensor, flow_clip_2: torch.Tensor, stack: bool = False):
+    """Accel on two clips of one size, the first first: two calls, or with `stack` one call on
+    both stacked along the batch inside `stacked(2)` (sfc.models.stacked: each clip's own
+    BatchNorm statistics and the running statistics moved in the same order — the same
+    numbers within float rounding, one forward's kernel launches)."""
+    if not stack:
+        return accel(seg_clip, flow_clip), accel(seg_clip_2, flow_clip_2)
+    with stacked(2):
+        out = accel(torch.cat((seg_clip, seg_clip_2)), torch.cat((flow_clip, flow_clip_2)))
+    return tuple(split_stacked(out, 2))
 
 
 # Flying-Chairs pre-training of a FlowNetS (docs/flow.md): the multi-scale EPE of the common

@@ -226,6 +226,46 @@ def test_bench_cuda_graph_both_gives_an_eager_and_a_graph_row(tmp_path):
         eager * 80_000 / 3600)
 
 
+def test_bench_stack_forwards_both_rows_and_table(tmp_path):
+    """`--stack-forwards both`: an SFC kind gets a row with its target forwards apart, then a
+    stacked one (labelled; the stacked path really taken: the row says so only when the stage
+    stacks), a non-SFC kind one row; the stacked table compares the two; `--reference` runs
+    the project's step stacked too and the losses still equal the release-style ones."""
+    path = tmp_path / "bench.json"
+    assert bench_main(["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+                       "--width", "8", "--iters", "1", "--warmup", "0", "--eval-images", "0",
+                       "--no-flops", "--threads", "1", "--stages", "segnet", "segnet_sfc",
+                       "--stack-forwards", "both", "--reference", "--reference-stages",
+                       "segnet_sfc", "--reference-iters", "1", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    rows = [(r["kind"], r["stack_forwards"]) for r in res["stages"]]
+    assert rows == [("segnet", False), ("segnet_sfc", False), ("segnet_sfc", True)]
+    assert report.config_label(res["stages"][2]) == "fp32 stacked"
+    assert [(r["kind"], r["stack_forwards"], r["losses_equal"]) for r in res["reference"]] == [
+        ("segnet_sfc", False, True), ("segnet_sfc", True, True)]
+    table = report.stacked_table(res["stages"])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| segnet_sfc | fp32 | ")
+    assert "`--stack-forwards`" in path.with_suffix(".md").read_text()
+
+
+def test_stacked_table_by_hand():
+    """Plain against stacked of the same configuration (graph rows with graph rows), speed-up
+    plain / stacked; side-by-side rows and unmatched rows left out."""
+    def row(kind, step, stack=False, graph=False, side=None):
+        return {"kind": kind, "precision": "fp32", "step_s": step, "cuda_graph": graph,
+                "side_by_side": side, "stack_forwards": stack}
+
+    table = report.stacked_table([
+        row("segnet_sfc", 0.150), row("segnet_sfc", 0.120, True),
+        row("segnet_sfc", 0.100, graph=True), row("segnet_sfc", 0.080, True, True),
+        row("segnet_sfc", 0.050, True, True, side=2), row("accel_sfc", 0.100, True)])
+    lines = table.splitlines()
+    assert lines[2:] == ["| segnet_sfc | fp32 | 150.0 | 120.0 | 1.25× | — | — |",
+                         "| segnet_sfc | fp32 graph | 100.0 | 80.0 | 1.25× | — | — |"]
+    assert report.stacked_table([row("segnet_sfc", 0.1)]) == ""
+
+
 def test_loader_measurement_on_tiny_tree(tmp_path):
     from sfc.bench.loaders import LOADERS, measure_loaders
     from sfc.data.synthetic import generate

@@ -24,13 +24,15 @@ CXX = next((c for c in (os.environ.get("CXX"), "g++", "clang++", "c++")
             if c and shutil.which(c)), None)
 RUN = os.environ.get("SFC_COMPILE_TESTS") != "0" and CXX is not None
 WHY = "SFC_COMPILE_TESTS=0" if CXX else "no C++ compiler (g++, clang++ or $CXX) for Inductor"
-KINDS = list(STAGE_KINDS)
+KINDS = [*STAGE_KINDS, "segnet_sfc stacked"]  # the last: --stack-forwards (batch-2 graphs)
 
 
 def _args(kind, data, runs, out):
+    """`kind` is a stage kind, or "segnet_sfc stacked" (with --stack-forwards)."""
+    kind, *stacked = kind.split()
     return train.resolve(train.build_parser().parse_args(
         ["--data", str(data), "--out", str(out), *TINY_TRAIN, "--device", "cpu",
-         *stage_kind_flags(kind, runs)]))
+         *stage_kind_flags(kind, runs), *(["--stack-forwards"] if stacked else [])]))
 
 
 def _step(stage, src, tgt):

@@ -147,3 +147,36 @@ def test_raw_clip_normalisation_on_cuda_is_bit_identical():
     s, f = normalise_bgr(torch.from_numpy(clip_bgr(frames))[None].cuda())
     assert torch.equal(s[0].cpu(), torch.from_numpy(seg))
     assert torch.equal(f[0].cpu(), torch.from_numpy(flow))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stacked_batchnorm_on_cuda_matches_the_cpu_one_after_the_other(channels_last):
+    """`--stack-forwards` on CUDA (cuDNN's BatchNorm on the (1, 2C, H, W) view): a DeepLab-v2
+    on two stacked frames against the CPU's two forwards — outputs, gradients and running
+    statistics."""
+    from sfc.models.stacked import split_stacked, stacked
+
+    torch.manual_seed(0)
+    cpu = DeepLabV2(5, multi_level=True, layers=(1, 1, 2, 1), width=8).train()
+    gpu = copy.deepcopy(cpu).cuda()
+    if channels_last:
+        gpu = gpu.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(1, 3, 48, 64, generator=g) * (1 + j) + j for j in range(2))
+    outs_cpu = [*cpu(a), *cpu(b)]
+    x = torch.cat((a, b)).cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with stacked(2):
+        both = gpu(x)
+    outs_gpu = [t for pair in split_stacked(both, 2) for t in pair]
+    w = [torch.randn(o.shape, generator=g) for o in outs_cpu]
+    sum((o * v).sum() for o, v in zip(outs_cpu, w)).backward()
+    sum((o * v.cuda()).sum() for o, v in zip(outs_gpu, w)).backward()
+    for i, (c, d) in enumerate(zip(outs_cpu, outs_gpu)):
+        _close(c, d, f"output {i}")
+    for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        if p.grad is not None:
+            _close(p.grad, q.grad, f"grad {n}", tol=1e-3)
+    for (n, p), q in zip(cpu.named_buffers(), gpu.buffers()):
+        _close(p.float(), q.float(), n)

@@ -149,6 +149,16 @@ def test_cuda_graph_iteration_follows_the_eager_one(kind):
     assert runner.captured and runner.backend.graph is not None
 
 
+@pytest.mark.parametrize("kind", ["segnet_sfc", "accel_sfc"])
+def test_cuda_graph_stacked_iteration_follows_the_eager_one(kind):
+    """`--cuda-graph --stack-forwards`: the captured stacked iteration in lockstep with the
+    eager stacked one (as above)."""
+    from test_graphed import lockstep
+
+    runner = lockstep(kind, None, device="cuda", stack_forwards=True)
+    assert runner.captured and runner.backend.graph is not None
+
+
 def test_cuda_graph_nan_after_capture_is_found_and_discarded_stickily():
     """In a real graph the guard's record must be updated in place, or a replay would read the
     capture's stale copy: the bad iteration is named and its update and the next are

@@ -153,11 +153,11 @@ def test_the_cpu_flow_check_would_not_capture():
 
 
 # ---- the runner, lockstep against the eager iteration ---------------------------------------
-def _stage(kind, device="cpu"):
+def _stage(kind, device="cpu", **kw):
     from sfc.bench import steps
 
     bc = steps.BenchConfig(device=device, source_size=(64, 32), target_size=(64, 32),
-                           layers=(1, 1, 1, 1), width=8, check_every="5")
+                           layers=(1, 1, 1, 1), width=8, check_every="5", **kw)
     st = steps.build(kind, bc)
     st.lr_at = lambda i: 1e-3 * (1 + i)  # a different LR each iteration: a stale one shows
     return st, bc
@@ -173,16 +173,17 @@ def _state(stage):
     return out
 
 
-def lockstep(kind, backend, device="cpu", iters=6, warmup=2):
+def lockstep(kind, backend, device="cpu", iters=6, warmup=2, **kw):
     """Run `iters` iterations of a graph runner (`backend`; None: a real CUDA graph) and of
     the eager engine
     iteration from identical states (the eager twin's state is copied in place into the
     runner's before each one, as a captured graph needs), on a different batch each time, and
-    compare the loss terms and the updates. Returns the runner."""
+    compare the loss terms and the updates. `kw`: more `steps.BenchConfig` fields of both.
+    Returns the runner."""
     from sfc.bench import steps
 
-    eager, bc = _stage(kind, device)
-    graph_stage, _ = _stage(kind, device)
+    eager, bc = _stage(kind, device, **kw)
+    graph_stage, _ = _stage(kind, device, **kw)
     runner = graphed.GraphedStep(graph_stage, warmup=warmup, backend=backend)
     for i in range(iters):
         src, tgt = steps.make_batches(kind, bc, seed=100 + i)

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
            "(segnet and accel kinds; the SFM stays eager); both: an eager row and a graph row "
            "per kind, in the same process. Needs --check-every N > 1. On the CPU the graph is "
            "emulated (sfc.train.graphed.TapeBackend: a dry run of the plumbing, not a timing)")
+    a("--stack-forwards", choices=["off", "on", "both"], default="off",
+      help="the engine's --stack-forwards: the SFC kinds' two target forwards as one batch "
+           "with per-forward BatchNorm statistics (sfc.models.stacked); both: a row with them "
+           "apart and a stacked row per SFC kind (other kinds: one row). Also the project's "
+           "step of --reference")
     a("--side-by-side", type=int, default=0, metavar="N",
       help="also time N processes training the same stage kind on the device at once (as the "
            "update and reference runs of a stage one can run), after each single-process row; "
@@ -222,6 +227,15 @@ def _modes(kind: str, graph_modes: tuple[bool, ...]) -> tuple[bool, ...]:
     return graph_modes
 
 
+def _stack_modes(args, kind: str) -> tuple[bool, ...]:
+    """The `--stack-forwards` modes measured for `kind`: stacking changes only the SFC kinds
+    (the others get one row)."""
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.stack_forwards]
+    if kind not in steps.STACKING_KINDS:
+        return modes[:1]
+    return modes
+
+
 def _side_modes(args, kind: str, graph: bool) -> tuple[str, ...]:
     """The side-by-side measurements after a row of `kind`: none without --side-by-side N ≥ 2;
     streams only for a graph row (they replay CUDA graphs), and first (a time limit that cuts
@@ -299,10 +313,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
             for kind in args.stages:
-                for graph in _modes(kind, graph_modes):  # "both": eager row, then graph row
+                for graph, stack in ((g, st) for g in _modes(kind, graph_modes)
+                                     for st in _stack_modes(args, kind)):
                     bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile,
-                                cuda_graph=graph)
-                    name = f"{kind} {prec}{' graph' if graph else ''}"
+                                cuda_graph=graph, stack_forwards=stack)
+                    name = f"{kind} {prec}{' graph' if graph else ''}{' stacked' if stack else ''}"
                     log(f"[bench] {name} source {src} target {tgt} ...")
                     rec = _attempt(res, name, log, run.measure_stage,
                                    kind, bc, args.iters, args.warmup, args.eval_images,
@@ -346,12 +361,13 @@ def main(argv=None) -> int:
                         = _fastest(mine)
             _write(res, args.json)
         if args.reference:
-            for kind, graph in ((k, g) for k in args.reference_stages
-                                for g in _modes(k, graph_modes)):
-                bc = config("fp32", cuda_graph=graph)
-                log(f"[bench] reference {kind} fp32{' graph' if graph else ''} source {src} "
-                    f"target {tgt} ...")
-                rec = _attempt(res, f"reference {kind}{' graph' if graph else ''}", log,
+            for kind, graph, stack in ((k, g, st) for k in args.reference_stages
+                                       for g in _modes(k, graph_modes)
+                                       for st in _stack_modes(args, k)):
+                bc = config("fp32", cuda_graph=graph, stack_forwards=stack)
+                what = f"{kind}{' graph' if graph else ''}{' stacked' if stack else ''}"
+                log(f"[bench] reference {what} fp32 source {src} target {tgt} ...")
+                rec = _attempt(res, f"reference {what}", log,
                                run.measure_reference, kind, bc,
                                args.reference_iters or args.iters, args.warmup,
                                ckpt_dir=ckpt_dir, log=log)

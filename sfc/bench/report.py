@@ -45,7 +45,7 @@ def comparison_table(stages: list[dict]) -> str:
     both): the speed-ups the rows measured in this run. "" if there is nothing to compare."""
     def key(r):
         return (r["kind"], r["precision"], bool(r.get("channels_last")),
-                r.get("compile", "none"))
+                r.get("compile", "none"), bool(r.get("stack_forwards")))
 
     def step(r):
         return r["step_s"] * 1e3
@@ -57,7 +57,7 @@ def comparison_table(stages: list[dict]) -> str:
         streams = r.get("side_by_side_mode") == "streams"
         g[(bool(r.get("cuda_graph")), side if not streams else f"{side} streams")] = r
     rows = []
-    for (kind, prec, _, _), g in groups.items():
+    for (kind, prec, _, _, stack), g in groups.items():
         eager, graph = g.get((False, 1)), g.get((True, 1))
         pairs = [(g.get((gr, 1)), g.get((gr, 2)), gr) for gr in (False, True)]
         on_streams = g.get((True, "2 streams"))
@@ -65,7 +65,8 @@ def comparison_table(stages: list[dict]) -> str:
             continue
         emulated = any(r.get("cuda_graph") == "emulated" for r in g.values())
         mps = any(r.get("mps") for r in g.values())
-        cells = [kind, prec + (" (graph emulated: no timing)" if emulated else "")
+        cells = [kind, prec + (" stacked" if stack else "")
+                 + (" (graph emulated: no timing)" if emulated else "")
                  + (" (processes under MPS)" if mps else ""),
                  _f(eager and step(eager), ".1f"), _f(graph and step(graph), ".1f"),
                  _times(eager and graph and eager["step_s"] / graph["step_s"])]
@@ -83,11 +84,33 @@ def comparison_table(stages: list[dict]) -> str:
                    "graph, 2 on streams ms", "pair speed-up (streams)"], rows)
 
 
+def stacked_table(stages: list[dict]) -> str:
+    """`--stack-forwards`: per SFC stage kind and configuration, the step with the two target
+    forwards one after the other against the same step with them stacked in one batch (rows of
+    one process alone; the speed-up is plain / stacked). "" without such pairs."""
+    def key(r):
+        return (r["kind"], config_label({**r, "stack_forwards": False}))
+
+    plain, stack = {}, {}
+    for r in stages:
+        if (r.get("side_by_side") or 1) == 1:
+            (stack if r.get("stack_forwards") else plain)[key(r)] = r
+    rows = [[kind, label, f"{plain[(kind, label)]['step_s'] * 1e3:.1f}",
+             f"{r['step_s'] * 1e3:.1f}", _times(plain[(kind, label)]["step_s"] / r["step_s"])]
+            + [counts_cell(x.get("counts")) for x in (plain[(kind, label)], r)]
+            for (kind, label), r in stack.items() if (kind, label) in plain]
+    if not rows:
+        return ""
+    return _table(["stage", "configuration", "target forwards apart ms", "stacked ms",
+                   "speed-up", "counts apart", "counts stacked"], rows)
+
+
 def config_label(r: dict) -> str:
     """precision, memory format, dilated convolutions, compile mode, check interval, graph and
     processes of one bench row."""
     return (r["precision"] + (" cl" if r.get("channels_last") else "")
             + (" s2b" if r.get("dilated_impl") == "s2b" else "")
+            + (" stacked" if r.get("stack_forwards") else "")
             + (f" compile={r['compile']}" if r.get("compile", "none") != "none" else "")
             + (f" checks/{r['check_every']}" if r.get("check_every", 1) != 1 else "")
             + {True: " graph", "emulated": " graph (emulated)"}.get(r.get("cuda_graph"), "")
@@ -192,6 +215,10 @@ def full_report(res: dict) -> str:
         if comp:
             parts.append("Speed-ups measured in this run (pair speed-up: two runs one after "
                          "the other against the two side by side):\n\n" + comp)
+        stk = stacked_table(res["stages"])
+        if stk:
+            parts.append("The SFC term's two target forwards one after the other against "
+                         "stacked in one batch (`--stack-forwards`):\n\n" + stk)
     if res.get("pipeline"):
         parts.append(pipeline_table(res["pipeline"]))
     if res.get("reference"):

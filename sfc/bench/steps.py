@@ -39,6 +39,8 @@ KIND_STAGE = {"segnet": ("segnet", 0.0), "segnet_sfc": ("segnet", 0.005),
 USES_TARGET = {"segnet": False, "segnet_sfc": True, "accel": False, "accel_sfc": True,
                "sfm": False}
 NUM_CLASSES = 15  # VIPER → Cityscapes
+# bench kinds whose step `--stack-forwards` changes (the SFC stages' two target forwards)
+STACKING_KINDS = ("segnet_sfc", "accel_sfc")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class BenchConfig:
     source_prev_forward: bool = True  # SFC stage one's unused source forward (quirk 7)
     check_every: str = "auto"  # the engine's --check-every (finiteness checks, sfc.train.guard)
     cuda_graph: bool = False  # the engine's --cuda-graph (sfc.train.graphed; not the SFM)
+    stack_forwards: bool = False  # the engine's --stack-forwards (SFC kinds; sfc.models.stacked)
     seed: int = 0
 
 
@@ -68,6 +71,8 @@ def train_args(kind: str, bc: BenchConfig, ckpt_dir: Path) -> list[str]:
          "--num-workers", "0", "--check-every", str(bc.check_every)]
     if bc.channels_last:
         a.append("--channels-last")
+    if bc.stack_forwards:
+        a.append("--stack-forwards")
     if stage == "segnet":
         a += ["--imagenet-init", "none", "--iters", "120000" if w else "80000"]
     if stage == "accel":

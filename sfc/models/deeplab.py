@@ -14,6 +14,7 @@ from torch import nn
 
 from .aspp_gemm import AsppSum, use_gemm
 from .dilated import dilated_conv
+from .stacked import StackableBatchNorm2d
 
 # Dilations (= paddings) of the four parallel 3x3 convs of DeepLab-v2's "ASPP" classifier.
 ASPP_DILATIONS = (6, 12, 18, 24)
@@ -33,12 +34,12 @@ class Bottleneck(nn.Module):
                  downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = StackableBatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=dilation,
                                dilation=dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = StackableBatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.bn3 = StackableBatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -93,7 +94,7 @@ class DeepLabV2(nn.Module):
         self.fp32_heads = False  # set by the SFC stages under bf16 autocast (see _head)
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = StackableBatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         # The SFC release uses ceil_mode=False here (ADVENT's copy uses True).
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=False)
@@ -121,7 +122,7 @@ class DeepLabV2(nn.Module):
         # Every layer's first block has a downsample (the release's condition is always true).
         downsample = nn.Sequential(
             nn.Conv2d(self.inplanes, planes * 4, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(planes * 4),
+            StackableBatchNorm2d(planes * 4),
         )
         mods = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
         self.inplanes = planes * 4

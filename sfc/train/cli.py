@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
            "s2b, the same convolution as an ordinary one on the space-to-batch view (equal "
            "within float rounding; for GPUs where dilated kernels are slow: python -m "
            "sfc.bench.convs; sfc.models.dilated)")
+    a("--stack-forwards", action="store_true",
+      help="SFC stages: run the two target forwards of an iteration (stage one: the SegNet on "
+           "frames t-1 and t; stage two: Accel on both clips) as one batch, each with its own "
+           "BatchNorm statistics and the running statistics moved in the same order — the "
+           "same numbers within float rounding, half those forwards' kernel launches "
+           "(sfc.models.stacked)")
     a("--threads", type=int, default=None,
       help="CPU threads of this process (torch.set_num_threads; default: PyTorch's)")
     a("--progress", choices=["auto", "bar", "lines", "none"], default="auto",

@@ -125,7 +125,7 @@ class _Stop(Exception):
 
 def precision_line(cfg, device) -> str:
     """What arithmetic the run uses: autocast dtype, TF32 for convolutions and matmuls, and
-    the dilated convolutions' form if not the native one."""
+    the dilated convolutions' form if not the native one, stacked target forwards if on."""
     amp = getattr(cfg, "amp", None) or "float32"
     if amp == "bf16" and getattr(cfg, "sfc_weight", 0) > 0:
         amp += (" (SFC term float32)" if getattr(cfg, "sfc_precision", "float32") == "float32"
@@ -135,7 +135,10 @@ def precision_line(cfg, device) -> str:
     where = "" if torch.device(device).type == "cuda" else " (TF32 applies to CUDA only)"
     s2b = ("; dilated convolutions on the space-to-batch view (--dilated-impl s2b)"
            if getattr(cfg, "dilated_impl", "native") == "s2b" else "")
-    return f"autocast {amp}; {tf}{where}{s2b}"
+    stack = ("; the SFC term's two target forwards stacked in one batch (--stack-forwards)"
+             if getattr(cfg, "stack_forwards", False) and getattr(cfg, "sfc_weight", 0) > 0
+             else "")
+    return f"autocast {amp}; {tf}{where}{s2b}{stack}"
 
 
 def _per_class(result: dict, class_names) -> dict[str, float] | None:
@@ -713,6 +716,7 @@ def apply_precision(cfg) -> None:
                      "compile": getattr(cfg, "compile", "none"),
                      "cuda_graph": bool(getattr(cfg, "cuda_graph", False)),
                      "dilated_impl": getattr(cfg, "dilated_impl", "native"),
+                     "stack_forwards": bool(getattr(cfg, "stack_forwards", False)),
                      "sfc_term": ("float32" if getattr(cfg, "sfc_precision", "float32") ==
                                   "float32" else getattr(cfg, "amp", None) or "none"),
                      "tf32_conv": bool(torch.backends.cudnn.allow_tf32),

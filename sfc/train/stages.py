@@ -25,6 +25,7 @@ from torch import nn
 from sfc import checkpoints, dist, flags, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
+from sfc.models.stacked import split_stacked, stacked
 from sfc.train import inputs, optim
 from sfc.train.guard import FiniteGuard, NonFiniteLoss, resolve_every
 
@@ -72,6 +73,8 @@ class Stage:
         self.sfc = cfg.sfc_weight > 0
         # the control run: the SFC stage's target forwards without its loss (issue 12)
         self.bn_control = bool(getattr(cfg, "bn_control", False)) and self.sfc
+        # --stack-forwards: an SFC stage's two target forwards as one batch (sfc.models.stacked)
+        self.stack = bool(getattr(cfg, "stack_forwards", False)) and self.sfc
         # the finiteness checks (sfc.train.guard): read at once, or flags on the device
         self.guard = FiniteGuard(device, resolve_every(getattr(cfg, "check_every", "auto"),
                                                        device))
@@ -275,19 +278,27 @@ class SegNetStage(Stage):
             # the SFC loss's two target forwards (t-1, then t), train mode, through the backbone
             # only (it holds every BN, as in quirk 7): the same BatchNorm updates; no loss
             with torch.no_grad(), self.sfc_autocast():
-                self.nets["segnet"].features(tgt["seg"][:, :, -2])
-                self.nets["segnet"].features(tgt["seg"][:, :, -1])
+                self._target_pair(self.nets["segnet"].features, tgt["seg"])
         elif self.sfc:
             t_seg, t_flow = tgt["seg"], tgt["flow"]
             with self.sfc_autocast():
-                lp = net(t_seg[:, :, -2])
-                lc = net(t_seg[:, :, -1])
+                lp, lc = self._target_pair(net, t_seg)
                 l_sfc = self.guard.loss("sfc", losses.sfc_loss(
                     lp, lc, t_flow[:, :, -2], t_flow[:, :, -1], self.nets["flownet_global"],
                     self.nets["sfm"], scale=self.cfg.scale))
             (self.cfg.sfc_weight * l_sfc).backward()
             out["sfc"] = self.guard.term(l_sfc)
         return out
+
+    def _target_pair(self, net, t_seg: torch.Tensor):
+        """`net` on target frames t-1 and t, in this order (their BN statistics move so):
+        two forwards, or with `--stack-forwards` one forward of both stacked along the batch
+        with per-frame BatchNorm statistics (sfc.models.stacked: the same numbers)."""
+        if not self.stack:
+            return net(t_seg[:, :, -2]), net(t_seg[:, :, -1])
+        with stacked(2):
+            out = net(torch.cat((t_seg[:, :, -2], t_seg[:, :, -1])))
+        return tuple(split_stacked(out, 2))
 
     def validate(self, loader, progress=True) -> dict:
         return evaluate_segnet(self.nets["segnet"], loader, self.cfg.num_classes,
@@ -366,13 +377,14 @@ class AccelStage(Stage):
         if self.bn_control:
             # the SFC loss's two Accel forwards (frame t from (t-1, t), then t-1 from (t-2, t-1))
             with torch.no_grad(), self.sfc_autocast():
-                accel(s[:, :, 1:], f[:, :, 1:])
-                accel(s[:, :, :2], f[:, :, :2])
+                losses.accel_pair(accel, s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2],
+                                  stack=self.stack)
         elif self.sfc:
             with self.sfc_autocast():
                 l_sfc = losses.accel_sfc_loss(
                     s[:, :, 1:], f[:, :, 1:], s[:, :, :2], f[:, :, :2], accel,
-                    self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale)
+                    self.nets["flownet_global"], self.nets["sfm"], scale=self.cfg.scale,
+                    stack=self.stack)
             self.flow_watch.check(self.guard)
             l_sfc = self.guard.loss("sfc", l_sfc)
             (self.cfg.sfc_weight * l_sfc).backward()

@@ -1,0 +1,111 @@
+"""Several forwards of one network as one batch, each with its own BatchNorm statistics.
+
+The SFC stages run the same network more than once per iteration on inputs of the same size:
+SFC stage one runs the SegNet on target frames t-1 and t, SFC stage two runs Accel on the
+clips (t-1, t) and (t-2, t-1). With BatchNorm in train mode (quirk 2) these forwards cannot
+simply be batched: a batch of two would normalise both with statistics over both inputs. Here
+they can: inside `stacked(k)` the batch is read as k equal chunks, one per forward, and every
+`StackableBatchNorm2d` normalises each chunk with that chunk's own statistics — what k separate
+forwards compute — and moves its running statistics as k forwards one after the other would:
+
+    r ← (1 − m)·r + m·s_j   for the chunks j = 0 … k-1 in order   (m: momentum 0.1)
+
+`num_batches_tracked` grows by k. How: the (k·b, C, H, W) batch is viewed as (b, k·C, H, W)
+(a free view at b = 1), normalised by one `F.batch_norm` with the weight and bias repeated k
+times, its running update written into zeroed k·C buffers (so they hold m·s_j, computed by the
+same kernel as an unstacked forward), then folded into the module's buffers by the recurrence
+above. The gradients are those of the k forwards summed, as autograd sums them over the k
+copies of the weight and bias. Everything else in the networks (convolutions, FlowNetS, the
+warp, upsampling, `merge`) is per sample anyway.
+
+So `net(torch.cat((a, b)))` inside `stacked(2)` equals `net(a)` then `net(b)` — outputs,
+gradients and running statistics — within float32 rounding (tests: float64 to 1e-12), while
+each convolution runs once on twice the work: half the kernel launches of those forwards.
+Outside `stacked` (k = 1) and in eval mode the module is an ordinary `nn.BatchNorm2d`; the
+state-dict keys are those of `nn.BatchNorm2d`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_CHUNKS = 1  # forwards stacked in the batch of the current call (1: an ordinary forward)
+
+
+@contextmanager
+def stacked(k: int):
+    """Inside: a train-mode `StackableBatchNorm2d` reads its batch as `k` stacked forwards."""
+    global _CHUNKS
+    if int(k) < 1:
+        raise ValueError(f"stacked(k) needs k >= 1, got {k}")
+    old, _CHUNKS = _CHUNKS, int(k)
+    try:
+        yield
+    finally:
+        _CHUNKS = old
+
+
+def stacked_chunks() -> int:
+    """The `k` of the innermost `stacked(k)` (1 outside)."""
+    return _CHUNKS
+
+
+class StackableBatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` that, in train mode inside `stacked(k)`, normalises the k chunks of
+    its batch separately (module docstring). Same parameters, buffers and keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _CHUNKS
+        if k == 1 or not self.training:
+            return super().forward(x)
+        return chunked_batch_norm(self, x, k)
+
+
+def chunked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Train-mode `bn` on each of the `k` equal chunks of `x`'s batch, as k calls of `bn`
+    one after the other would compute it (outputs, gradients, running statistics)."""
+    n, c, h, w = x.shape
+    if n % k:
+        raise ValueError(f"stacked({k}): the batch of {n} is not {k} equal forwards")
+    if bn.track_running_stats and bn.momentum is None:
+        raise ValueError("stacked forwards need a BatchNorm momentum (not a cumulative average)")
+    b = n // k
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    # chunk j, channel i → channel j·C + i of a batch of b
+    z = x.reshape(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
+    weight = bn.weight.repeat(k) if bn.weight is not None else None
+    bias = bn.bias.repeat(k) if bn.bias is not None else None
+    track = bn.track_running_stats and bn.running_mean is not None
+    if track:
+        means = bn.running_mean.new_zeros(k * c)
+        varis = bn.running_var.new_zeros(k * c)
+    else:
+        means = varis = None
+    y = F.batch_norm(z, means, varis, weight, bias, True, bn.momentum or 0.0, bn.eps)
+    if track:
+        with torch.no_grad():
+            keep = 1.0 - bn.momentum
+            for j in range(k):  # means[j·C:(j+1)·C] = m · mean of chunk j (unbiased var alike)
+                bn.running_mean.mul_(keep).add_(means[j * c:(j + 1) * c])
+                bn.running_var.mul_(keep).add_(varis[j * c:(j + 1) * c])
+            bn.num_batches_tracked.add_(k)
+    y = y.reshape(b, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+    return y.contiguous(memory_format=torch.channels_last) if cl else y
+
+
+def split_stacked(out, k: int):
+    """A stacked forward's output (a tensor or a tuple of tensors, e.g. DeepLab's
+    `(main, aux)`) as the k forwards' outputs: a list of k tensors or k tuples."""
+    if isinstance(out, (tuple, list)):
+        parts = [t.chunk(k) for t in out]
+        return [tuple(p[j] for p in parts) for j in range(k)]
+    return list(out.chunk(k))
+
+
+__all__ = ["StackableBatchNorm2d", "chunked_batch_norm", "split_stacked", "stacked",
+           "stacked_chunks"]
