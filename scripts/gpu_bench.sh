@@ -7,9 +7,10 @@
 # Parts, each under its own `timeout` so one slow part cannot eat the budget (seconds):
 #   1. CUDA tests (pytest -m cuda -x: --cuda-graph in lockstep with the eager iteration and
 #      its engine run without syncs, the s2b convolution, the stacked forwards — never run
-#      on a GPU, so first — then a bf16 step per stage kind, the no-sync deferred checks) 70
+#      on a GPU, so first — then a bf16 step per stage kind, the no-sync deferred checks) 65
 #   2. all five stages, faithful sizes (1280×720 / 1024×512), fp32, deferred checks
-#      (--check-every 50, the CUDA default): FLOPs, evaluation, profiler counts             100
+#      (--check-every 50, the CUDA default): FLOPs, evaluation (4 images in one batch of 4,
+#      --val-batch-size, and one at a time), profiler counts                                110
 #   3. the backbone's dilated convolutions, native against space-to-batch (sfc.bench.convs:
 #      one convolution of layer3 / layer4 per input size, fp32 and bf16)                   20
 #   4. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
@@ -17,7 +18,7 @@
 #      batch (--stack-forwards), counts — a process of its own: a failed capture cannot
 #      cost part 2                                                                          85
 #   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind a graph row (the
-#      SFM eager; a failed row is logged and the next one measured), counts                 70
+#      SFM eager; a failed row is logged and the next one measured), counts                 65
 #   6. release-style reference vs project (SFC stage one), fp32, the project's graph step
 #      with its target forwards apart and stacked                                           35
 #   7. SFC stage one, fp32 graph, alone and 2 side by side (as its update and reference
@@ -57,7 +58,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(70 100 20 85 70 35 50 50)
+  T=(65 110 20 85 65 35 50 50)
   CONVS=()
   PYTEST_MARK="cuda"
 fi
@@ -96,7 +97,8 @@ else  # no pytest there: at least the exactness check of the proposed foreach SG
   part tests_cuda "${T[0]}" "$PY" -m sfc.bench.fastopt "${DEV[1]}"
 fi
 part bench_fp32 "${T[1]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
-  --precision fp32 "${DEFER[@]}" --profile-counts --json "$OUT/bench_fp32.json"
+  --eval-images 4 --eval-batch-size 4 --precision fp32 "${DEFER[@]}" --profile-counts \
+  --json "$OUT/bench_fp32.json"
 part convs "${T[2]}" "$PY" -m sfc.bench.convs "${DEV[@]:0:2}" "${CONVS[@]}" \
   --cudnn-benchmark --json "$OUT/bench_convs.json"
 part bench_fp32_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \

@@ -249,6 +249,29 @@ def test_bench_stack_forwards_both_rows_and_table(tmp_path):
     assert "`--stack-forwards`" in path.with_suffix(".md").read_text()
 
 
+def test_bench_eval_batch_size_times_both_and_the_pipeline_takes_the_batched(tmp_path):
+    """`--eval-batch-size 2`: the row's evaluation is timed in batches of 2 and at batch 1,
+    the table shows both, the pipeline's evaluation hours come from the batched time."""
+    path = tmp_path / "bench.json"
+    common = ["--device", "cpu", "--size", "64", "32", "--layers", "1", "1", "1", "1",
+              "--width", "8", "--iters", "1", "--warmup", "0", "--no-flops", "--threads", "1",
+              "--stages", "segnet", "--eval-images", "2"]
+    with pytest.raises(SystemExit, match="--eval-batch-size 0"):
+        bench_main([*common, "--eval-batch-size", "0"])
+    assert bench_main([*common, "--eval-batch-size", "2", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())
+    row = res["stages"][0]
+    assert row["eval_batch_size"] == 2
+    assert row["eval_s_per_image"] > 0 and row["eval_s_per_image_batch1"] > 0
+    cell = report.eval_cell(row)
+    assert cell == (f"{row['eval_s_per_image'] * 1e3:.1f} (batch 2; batch 1: "
+                    f"{row['eval_s_per_image_batch1'] * 1e3:.1f})")
+    run = res["pipeline"]["fp32"]["runs"][0]
+    assert run["eval_h"] == pytest.approx(row["eval_s_per_image"] * run["evals"]
+                                          * run["val_images"] / 3600)
+    assert report.eval_cell({**row, "eval_batch_size": 1}) == f"{row['eval_s_per_image'] * 1e3:.1f}"
+
+
 def test_stacked_table_by_hand():
     """Plain against stacked of the same configuration (graph rows with graph rows), speed-up
     plain / stacked; side-by-side rows and unmatched rows left out."""

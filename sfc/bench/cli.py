@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="skip the FLOP count (one extra step per stage)")
     a("--eval-images", type=int, default=2,
       help="validation images timed per stage for the evaluation-cost estimate (0: skip)")
+    a("--eval-batch-size", type=int, default=1,
+      help="time the validation in batches of this many clips (the engine's --val-batch-size; "
+           "> 1: batch 1 is timed too, and the pipeline estimate takes the batched time)")
     a("--layers", type=int, nargs=4, default=(3, 4, 23, 3), help="ResNet block counts")
     a("--width", type=int, default=64, help="ResNet stem width")
     a("--channels-last", action="store_true",
@@ -290,6 +293,8 @@ def main(argv=None) -> int:
     graph_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graph]
     if args.cuda_graph != "off" and resolve_every(args.check_every, args.device) == 1:
         raise SystemExit("--cuda-graph needs the deferred checks: --check-every N > 1")
+    if args.eval_batch_size < 1:
+        raise SystemExit(f"--eval-batch-size {args.eval_batch_size}: expected a number >= 1")
     if args.side_by_side_mode == "streams" and args.cuda_graph == "off":
         raise SystemExit("--side-by-side-mode streams replays CUDA graphs: add --cuda-graph on "
                          "or both")
@@ -308,7 +313,8 @@ def main(argv=None) -> int:
                                  precision=precision, layers=tuple(args.layers),
                                  width=args.width, channels_last=args.channels_last,
                                  source_prev_forward=args.source_prev_forward, seed=args.seed,
-                                 check_every=args.check_every, **extra)
+                                 check_every=args.check_every,
+                                 val_batch_size=args.eval_batch_size, **extra)
 
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:

@@ -31,7 +31,7 @@ def stage_table(stages: list[dict]) -> str:
                      _f(r["flops_per_step"] and r["flops_per_step"] / 1e12, ".3f"),
                      _f(r["tflops_per_s"], ".2f"),
                      f"{mem:.2f} ({'CUDA' if r['peak_mem_kind'].startswith('cuda') else 'RSS'})",
-                     _f(r["eval_s_per_image"] and r["eval_s_per_image"] * 1e3, ".1f"),
+                     eval_cell(r),
                      counts_cell(r.get("counts"))])
     return _table(["stage", "precision", "source / target (W×H)", "step ms (median)",
                    "of which optimiser ms", "TFLOP/step", "TFLOP/s", "peak mem GiB",
@@ -103,6 +103,16 @@ def stacked_table(stages: list[dict]) -> str:
         return ""
     return _table(["stage", "configuration", "target forwards apart ms", "stacked ms",
                    "speed-up", "counts apart", "counts stacked"], rows)
+
+
+def eval_cell(r: dict) -> str:
+    """Validation ms per image; batched (--eval-batch-size): with the batch-1 time beside."""
+    ms = _f(r["eval_s_per_image"] and r["eval_s_per_image"] * 1e3, ".1f")
+    b = r.get("eval_batch_size") or 1
+    if b == 1 or r["eval_s_per_image"] is None:
+        return ms
+    one = r.get("eval_s_per_image_batch1")
+    return f"{ms} (batch {b}; batch 1: {_f(one and one * 1e3, '.1f')})"
 
 
 def config_label(r: dict) -> str:

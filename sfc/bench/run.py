@@ -51,7 +51,11 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
         opt_s = measure.median(state["phases"]["opt_s"])
         state["phases"] = None
     counts = measure.profile_counts(step, dev) if profile else None
-    eval_s = measure_eval(stage, kind, bc, eval_images) if eval_images > 0 else None
+    eval_s = eval_b1 = None
+    if eval_images > 0:  # batched (--eval-batch-size): batch 1 too, the release's, to compare
+        eval_s = measure_eval(stage, kind, bc, eval_images, bc.val_batch_size)
+        if bc.val_batch_size > 1:
+            eval_b1 = measure_eval(stage, kind, bc, eval_images)
     rec = {**_setup(kind, bc, stage, runner, dev),
            "capture_s": runner.capture_s if runner is not None else None,
            "step_s": s, "step_times_s": times, "opt_s": opt_s,
@@ -59,7 +63,8 @@ def measure_stage(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
            "tflops_per_s": (n_flops / s / 1e12 if n_flops and s > 0 else None),
            "peak_mem_bytes": int(mem.peak),
            "peak_mem_kind": "cuda_max_allocated" if dev.type == "cuda" else "rss_sampled",
-           "eval_s_per_image": eval_s, "counts": counts,
+           "eval_s_per_image": eval_s, "eval_batch_size": bc.val_batch_size,
+           "eval_s_per_image_batch1": eval_b1, "counts": counts,
            "loss_terms": {k: float(v) for k, v in state["terms"].items()}}
     return rec
 
@@ -225,15 +230,18 @@ def release_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_eval(stage, kind: str, bc: steps.BenchConfig, n: int) -> float:
-    """Seconds per validation image of `stage.validate` (the engine's validation), after one
-    warm-up image."""
-    items = steps.make_val_items(kind, bc, n + 1)
+def measure_eval(stage, kind: str, bc: steps.BenchConfig, n: int,
+                 batch_size: int = 1) -> float:
+    """Seconds per validation image of `stage.validate` (the engine's validation) over `n`
+    images in batches of `batch_size` (the engine's --val-batch-size), after one warm-up
+    batch."""
+    b = max(1, int(batch_size))
+    items = steps.make_val_items(kind, bc, n + b)
     dev = torch.device(bc.device)
-    stage.validate(DataLoader(items[:1], batch_size=1), progress=False)
+    stage.validate(DataLoader(items[:b], batch_size=b), progress=False)
     measure.sync(dev)
     times = measure.time_calls(
-        lambda: stage.validate(DataLoader(items[1:], batch_size=1), progress=False), 1, 0, dev)
+        lambda: stage.validate(DataLoader(items[b:], batch_size=b), progress=False), 1, 0, dev)
     return times[0] / n
 
 

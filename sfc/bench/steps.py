@@ -58,6 +58,7 @@ class BenchConfig:
     check_every: str = "auto"  # the engine's --check-every (finiteness checks, sfc.train.guard)
     cuda_graph: bool = False  # the engine's --cuda-graph (sfc.train.graphed; not the SFM)
     stack_forwards: bool = False  # the engine's --stack-forwards (SFC kinds; sfc.models.stacked)
+    val_batch_size: int = 1  # the engine's --val-batch-size (validation clips per batch)
     seed: int = 0
 
 

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="keep the validation batches in memory after the first complete evaluation, up to "
            "this many GiB per process (Cityscapes val at 1024×512: 1.7), so later "
            "evaluations read no files; the same batches, the same results; 0: off")
+    a("--val-batch-size", type=int, default=1,
+      help="validation clips per batch (default 1, the release's): eval mode uses the "
+           "BatchNorm running statistics, so a larger batch gives the same predictions up to "
+           "the convolutions' summation order, in fewer, larger kernels")
     a("--num-workers", type=int, default=4, help="data-loader workers per loader")
     a("--device", default=None, help="cuda / cpu (default: cuda:LOCAL_RANK if available)")
     a("--amp", choices=["none", "bf16"], default="none", help="autocast (CUDA); fp32 default")
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     """Every numeric and device flag, before any work (FlagError: one line, exit 2)."""
     for name in ("iters", "eval_every", "log_every", "batch_size", "width", "val_limit",
-                 "synthia_val_frames"):
+                 "synthia_val_frames", "val_batch_size"):
         flags.check_number(args, name, low=1)
     for name in ("num_workers", "warmup_iters", "weight_decay", "sfc_weight", "warmup_lr",
                  "val_cache_gb"):

@@ -244,7 +244,8 @@ class Trainer:
             val = Subset(val, range(min(cfg.val_limit, len(val))))
         # on the device; after the first complete evaluation from memory (--val-cache-gb)
         self.val_loader = CachedLoader(SignalSafeLoader(DataLoader(
-            val, batch_size=1, sampler=dist.ShardSampler(val), num_workers=cfg.num_workers,
+            val, batch_size=getattr(cfg, "val_batch_size", 1), sampler=dist.ShardSampler(val),
+            num_workers=cfg.num_workers,
             pin_memory=pin, worker_init_fn=worker_init())), self.device,
             getattr(cfg, "val_cache_gb", 0.0), log=self.log.info)
 

@@ -109,7 +109,8 @@ class CachedLoader:
         if kept is not None:  # a complete pass: later evaluations read memory
             self.items = kept
             amount = f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
-            self.log(f"validation cache: {len(kept)} batches, {amount} in memory; later "
+            self.log(f"validation cache: {len(kept)} batch{'es' if len(kept) != 1 else ''}, "
+                     f"{amount} in memory; later "
                      "evaluations read no files")
 
 
