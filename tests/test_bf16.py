@@ -79,6 +79,9 @@ def test_sfc_gradient_of_a_trained_segnet_under_bf16(trained_segnet, tiny_data, 
     assert res["float32"]["cosine_min"] >= 0.9999, res
     assert res["bf16 (float32 heads)"]["cosine_mean"] < 0.9, res  # measured 0.57 (3 clips)
     assert res["bf16 (bf16 heads)"]["cosine_mean"] < 0.9, res
+    # TF32 convolutions (emulated; what CUDA runs by default): between the two
+    tf32 = res["tf32 convolutions (emulated)"]["cosine_mean"]
+    assert res["bf16 (float32 heads)"]["cosine_mean"] < tf32 < res["float32"]["cosine_min"], res
 
 
 @pytest.mark.parametrize("precision,enabled", [("float32", False), ("autocast", True)])
@@ -128,3 +131,62 @@ def test_fp32_heads_give_float32_logits_under_autocast(small_backbone):
         a = net(x[:, :, 0])[0]
         net.fp32_heads = False
         assert torch.equal(a, net(x[:, :, 0])[0])
+
+
+# ---- TF32, emulated (sfc.bench.precision) ----------------------------------------------------
+def test_to_tf32_rounds_to_ten_mantissa_bits_by_hand():
+    """TF32 keeps 10 mantissa bits: at 1.0 its unit is 2^-10; half a unit rounds away from
+    zero (cvt.rna), less than half down; signs and exact values kept."""
+    from sfc.bench.precision import to_tf32
+
+    u = 2.0 ** -10
+    x = torch.tensor([1 + u / 2, 1 + u / 2 - 2 ** -20, -(1 + u / 2), 1 + 3 * u, 3.0, 0.0, 1e30])
+    want = torch.tensor([1 + u, 1.0, -(1 + u), 1 + 3 * u, 3.0, 0.0])
+    got = to_tf32(x)
+    assert torch.equal(got[:6], want)
+    assert got[6] == pytest.approx(1e30, rel=2 ** -11)
+    m = got.view(torch.int32) & 0x1FFF  # the 13 dropped bits are zero
+    assert int(m.abs().sum()) == 0
+    with pytest.raises(ValueError, match="float32"):
+        to_tf32(x.double())
+
+
+def test_tf32_convolutions_round_operands_and_the_output_gradient():
+    """Inside `tf32_convolutions` a convolution equals the float32 one on TF32-rounded input
+    and weight, and its input and weight gradients equal the backward convolutions of the
+    rounded output gradient with the rounded operands (`torch.nn.grad`)."""
+    from sfc.bench.precision import tf32_convolutions, to_tf32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 11, generator=g).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, generator=g).requires_grad_()
+    go = torch.randn(2, 4, 9, 11, generator=g)
+    with tf32_convolutions():
+        y = F.conv2d(x, w, None, 1, 2, 2)
+    y.backward(go)
+    xr, wr, gr = to_tf32(x.detach()), to_tf32(w.detach()), to_tf32(go)
+    torch.testing.assert_close(y, F.conv2d(xr, wr, None, 1, 2, 2), rtol=0, atol=0)
+    gx = torch.nn.grad.conv2d_input(x.shape, wr, gr, 1, 2, 2)
+    gw = torch.nn.grad.conv2d_weight(xr, w.shape, gr, 1, 2, 2)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-6, atol=1e-5)
+    plain = F.conv2d(x.detach(), w.detach(), None, 1, 2, 2)
+    assert (plain - y.detach()).abs().max() > 1e-4  # the rounding shows
+
+
+def test_the_log_names_tf32_for_the_sfc_term_on_cuda(monkeypatch):
+    """The run's precision line: on CUDA with TF32 convolutions (PyTorch's default) an SFC
+    stage says what TF32 does to its gradient; not without the SFC term, not with --tf32 off,
+    not on the CPU."""
+    from types import SimpleNamespace
+
+    from sfc.train.engine import precision_line
+
+    sfc, plain = SimpleNamespace(sfc_weight=0.005), SimpleNamespace(sfc_weight=0.0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert "cosine ≈ 0.98" in precision_line(sfc, "cuda")
+    assert "cosine" not in precision_line(plain, "cuda")
+    assert "cosine" not in precision_line(sfc, "cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    line = precision_line(sfc, "cuda")
+    assert "TF32 convolutions off" in line and "cosine" not in line

@@ -9,9 +9,20 @@ SFC loss with respect to the SegNet's parameters computed
 * in float32 (the default),
 * under bf16 autocast with the classifier heads in float32 (what the SFC stages run),
 * under bf16 autocast with bf16 heads (for comparison),
+* in float32 with TF32 convolutions, emulated (`tf32_convolutions`): what CUDA computes on an
+  Ampere or newer GPU by default, since PyTorch lets cuDNN use TF32 unless `--tf32 off`,
 
 and the same gradient in float64 (the reference). CPU autocast stands in for CUDA's (both run
 convolutions and matmuls in bf16, reductions in float32).
+
+TF32 emulation: a TF32 tensor-core convolution rounds its two operands to TF32 (10 explicit
+mantissa bits instead of float32's 23; nearest, ties away from zero, as the `cvt.rna.tf32`
+conversion) and accumulates in float32. Every convolution and transposed convolution of the
+SegNet, `flownet_global` and the SFM runs here on its input and weight so rounded; its output
+gradient is rounded the same way on the way back, so the two backward convolutions (input and
+weight gradients) also see TF32 operands (the saved forward operands are the rounded ones).
+Accumulation order and cuDNN's algorithm choice are not emulated; the classifiers run as
+convolutions (not the CPU's GEMM form), as on CUDA.
 
     python -m sfc.bench.precision --segnet RUN --flownet RUN --sfm RUN --data ROOT \\
         --size 128 64 --clips 8 [--json out.json]
@@ -29,8 +40,50 @@ import torch
 import torch.nn.functional as F
 
 from sfc import losses
+from sfc.models.aspp_gemm import aspp_impl
 
-MODES = ("float32", "bf16 (float32 heads)", "bf16 (bf16 heads)")
+MODES = ("float32", "bf16 (float32 heads)", "bf16 (bf16 heads)", "tf32 convolutions (emulated)")
+
+
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """`x` (float32) rounded to TF32: 10 mantissa bits, nearest with ties away from zero (the
+    magnitude's bit pattern plus half a TF32 unit, then truncated)."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"to_tf32 takes float32, got {x.dtype}")
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; rounds the gradient to TF32 backward (the output gradient a TF32
+    backward convolution reads)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()  # not a view: the networks modify some outputs in place
+
+    @staticmethod
+    def backward(ctx, g):
+        return to_tf32(g.contiguous())
+
+
+def _tf32_operand(x: torch.Tensor) -> torch.Tensor:
+    """The TF32 value forward, the gradient passed straight through backward."""
+    return x + (to_tf32(x.detach().contiguous()) - x).detach()
+
+
+class tf32_convolutions(torch.overrides.TorchFunctionMode):
+    """Inside: every `conv2d` / `conv_transpose2d` call computes with TF32 operands (module
+    docstring). Float32 tensors only; others pass unchanged."""
+
+    CONVS = (torch.conv2d, torch.conv_transpose2d)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.CONVS and args[0].dtype == torch.float32:
+            x, w, *rest = args
+            return _RoundGrad.apply(func(_tf32_operand(x), _tf32_operand(w), *rest, **kwargs))
+        return func(*args, **kwargs)
 
 
 def sfc_gradient(segnet, flownet_global, sfm, t_seg, t_flow, mode: str,
@@ -45,8 +98,14 @@ def sfc_gradient(segnet, flownet_global, sfm, t_seg, t_flow, mode: str,
     for p in (*fg.parameters(), *sm.parameters()):
         p.requires_grad_(False)
     net.fp32_heads = mode == "bf16 (float32 heads)"
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if mode.startswith("bf16")
-           else contextlib.nullcontext())
+    if mode.startswith("bf16"):
+        amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif mode.startswith("tf32"):
+        amp = contextlib.ExitStack()
+        amp.enter_context(aspp_impl("conv"))  # the classifiers as convolutions, as on CUDA
+        amp.enter_context(tf32_convolutions())
+    else:
+        amp = contextlib.nullcontext()
     seg, flow = t_seg.to(dtype), t_flow.to(dtype)
     with amp:
         lp = net(seg[:, :, -2])

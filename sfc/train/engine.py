@@ -132,7 +132,11 @@ def precision_line(cfg, device) -> str:
                 else " (SFC term bf16 too)")
     tf = (f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, TF32 "
           f"matmuls {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
-    where = "" if torch.device(device).type == "cuda" else " (TF32 applies to CUDA only)"
+    cuda = torch.device(device).type == "cuda"
+    where = "" if cuda else " (TF32 applies to CUDA only)"
+    if cuda and torch.backends.cudnn.allow_tf32 and getattr(cfg, "sfc_weight", 0) > 0:
+        where += (" — the SFC gradient with TF32 convolutions: cosine ≈ 0.98 to float64 "
+                  "(docs/pipeline.md#precision; --tf32 off for float32)")
     s2b = ("; dilated convolutions on the space-to-batch view (--dilated-impl s2b)"
            if getattr(cfg, "dilated_impl", "native") == "s2b" else "")
     stack = ("; the SFC term's two target forwards stacked in one batch (--stack-forwards)"
