@@ -210,7 +210,7 @@ def accel_pair(accel: nn.Module, seg_clip: torch.Tensor, flow_clip: torch.Tensor
     """Accel on two clips of one size, the first first: two calls, or with `stack` one call on
     both stacked along the batch inside `stacked(2)` (sfc.models.stacked: each clip's own
     BatchNorm statistics and the running statistics moved in the same order — the same
-    numbers within float rounding, one forward's kernel launches)."""
+    numbers within float rounding, in kernels of twice the work)."""
     if not stack:
         return accel(seg_clip, flow_clip), accel(seg_clip_2, flow_clip_2)
     with stacked(2):

@@ -130,8 +130,12 @@ def config_label(r: dict) -> str:
 
 
 def counts_cell(c: dict | None) -> str:
+    """kernels / launches / host syncs (sync ops); on the CPU (no kernels) the profiler's aten
+    ops of the iteration instead (nested calls counted too)."""
     if not c:
         return "—"
+    if c.get("kernels") is None and c.get("aten_ops") is not None:
+        return f"{c['aten_ops']:,} aten ops ({c['sync_ops']})"
     return (f"{_f(c.get('kernels'), 'd')} / {_f(c.get('launches'), 'd')} / "
             f"{_f(c.get('host_syncs'), 'd')} ({c['sync_ops']})")
 

@@ -12,15 +12,22 @@ forwards compute — and moves its running statistics as k forwards one after th
 
 `num_batches_tracked` grows by k. How: the (k·b, C, H, W) batch is viewed as (b, k·C, H, W)
 (a free view at b = 1), normalised by one `F.batch_norm` with the weight and bias repeated k
-times, its running update written into zeroed k·C buffers (so they hold m·s_j, computed by the
-same kernel as an unstacked forward), then folded into the module's buffers by the recurrence
-above. The gradients are those of the k forwards summed, as autograd sums them over the k
-copies of the weight and bias. Everything else in the networks (convolutions, FlowNetS, the
-warp, upsampling, `merge`) is per sample anyway.
+times. Its running update goes into k·C buffers that hold the module's statistics for chunk 0
+and zeros for the others, so the kernel leaves r_1 = (1 − m)·r_0 + m·s_0 and t_j = m·s_j for
+j ≥ 1 (each computed as an unstacked forward computes it); then r_j = t_j + (1 − m)·r_{j-1}
+folds them into the module's buffers (one operation per buffer at k = 2). The gradients are
+those of the k forwards summed, as autograd sums them over the k copies of the weight and
+bias. Everything else in the networks (convolutions, FlowNetS, the warp, upsampling, `merge`)
+is per sample anyway.
 
 So `net(torch.cat((a, b)))` inside `stacked(2)` equals `net(a)` then `net(b)` — outputs,
 gradients and running statistics — within float32 rounding (tests: float64 to 1e-12), while
-each convolution runs once on twice the work: half the kernel launches of those forwards.
+each convolution, BatchNorm and activation runs once on twice the work. The price: about ten
+small per-channel operations per BatchNorm call (the repeated weight and bias, the buffers of
+the statistics, the fold, and the weight's gradient summed back), so the number of operations
+hardly falls (SFC stage one) or grows (SFC stage two, whose frozen backbones have no backward
+to save): whether the larger kernels pay for the small ones is a GPU measurement
+(`sfc.bench --stack-forwards both`).
 Outside `stacked` (k = 1) and in eval mode the module is an ordinary `nn.BatchNorm2d`; the
 state-dict keys are those of `nn.BatchNorm2d`.
 """
@@ -74,26 +81,38 @@ def chunked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, k: int) -> torch.Ten
     if bn.track_running_stats and bn.momentum is None:
         raise ValueError("stacked forwards need a BatchNorm momentum (not a cumulative average)")
     b = n // k
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
-    # chunk j, channel i → channel j·C + i of a batch of b
-    z = x.reshape(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    # chunk j, channel i → channel j·C + i of a batch of b. At b = 1 that is the same memory:
+    # a view in, and out an `_unsafe_view`, which autograd does not track as a view — the
+    # networks' in-place ReLU and residual add on a tracked view would make its backward
+    # copy whole activations (CopySlices)
+    flat = b == 1 and x.is_contiguous()
+    z = x.view(1, k * c, h, w) if flat else (
+        x.reshape(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w))
     weight = bn.weight.repeat(k) if bn.weight is not None else None
     bias = bn.bias.repeat(k) if bn.bias is not None else None
     track = bn.track_running_stats and bn.running_mean is not None
-    if track:
-        means = bn.running_mean.new_zeros(k * c)
-        varis = bn.running_var.new_zeros(k * c)
+    if not track:
+        y = F.batch_norm(z, None, None, weight, bias, True, 0.0, bn.eps)
     else:
-        means = varis = None
-    y = F.batch_norm(z, means, varis, weight, bias, True, bn.momentum or 0.0, bn.eps)
-    if track:
+        # chunk 0 starts from the module's statistics (→ r_1 = (1-m)·r_0 + m·s_0), the others
+        # from 0 (→ t_j = m·s_j); then r_j = t_j + (1-m)·r_{j-1}
+        pad = bn.running_mean.new_zeros((k - 1) * c)
+        means = torch.cat((bn.running_mean, pad))
+        varis = torch.cat((bn.running_var, pad))
+        y = F.batch_norm(z, means, varis, weight, bias, True, bn.momentum, bn.eps)
         with torch.no_grad():
             keep = 1.0 - bn.momentum
-            for j in range(k):  # means[j·C:(j+1)·C] = m · mean of chunk j (unbiased var alike)
-                bn.running_mean.mul_(keep).add_(means[j * c:(j + 1) * c])
-                bn.running_var.mul_(keep).add_(varis[j * c:(j + 1) * c])
+            for new, run in ((means, bn.running_mean), (varis, bn.running_var)):
+                r = new[:c]
+                for j in range(1, k):
+                    r = torch.add(new[j * c:(j + 1) * c], r, alpha=keep,
+                                  out=run if j == k - 1 else None)
+                if k == 1:
+                    run.copy_(r)
             bn.num_batches_tracked.add_(k)
+    if flat:
+        return torch.ops.aten._unsafe_view(y, (n, c, h, w))
     y = y.reshape(b, k, c, h, w).transpose(0, 1).reshape(n, c, h, w)
     return y.contiguous(memory_format=torch.channels_last) if cl else y
 

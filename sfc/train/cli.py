@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="SFC stages: run the two target forwards of an iteration (stage one: the SegNet on "
            "frames t-1 and t; stage two: Accel on both clips) as one batch, each with its own "
            "BatchNorm statistics and the running statistics moved in the same order — the "
-           "same numbers within float rounding, half those forwards' kernel launches "
+           "same numbers within float rounding, in kernels of twice the work; whether faster: "
+           "sfc.bench --stack-forwards both "
            "(sfc.models.stacked)")
     a("--threads", type=int, default=None,
       help="CPU threads of this process (torch.set_num_threads; default: PyTorch's)")
