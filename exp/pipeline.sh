@@ -60,9 +60,10 @@ pair() {  # pair DIR ARGS... : DIR/update.sh and DIR/reference.sh, side by side 
   fi
   echo "== pipeline: $dir/update.sh and $dir/reference.sh side by side" >&2
   local a b ra=0 rb=0
-  bash "$HERE/$dir/update.sh" "$@" &
+  # two jobs share this node's CPUs: --num-workers auto gives each half
+  SFC_JOBS_PER_NODE=2 bash "$HERE/$dir/update.sh" "$@" &
   a=$!
-  bash "$HERE/$dir/reference.sh" "$@" &
+  SFC_JOBS_PER_NODE=2 bash "$HERE/$dir/reference.sh" "$@" &
   b=$!
   wait_for "$a" || ra=$?
   wait_for "$b" || rb=$?

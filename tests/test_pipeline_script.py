@@ -28,6 +28,7 @@ trap 'stop 143' TERM
 trap 'stop 138' USR1
 echo "start $name $(date +%s.%N)" >> "$STUB_LOG"
 [[ -n "${STUB_MPS_LOG:-}" ]] && echo "$name ${CUDA_MPS_PIPE_DIRECTORY:-none}" >> "$STUB_MPS_LOG"
+[[ -n "${STUB_JOBS_LOG:-}" ]] && echo "$name ${SFC_JOBS_PER_NODE:-unset}" >> "$STUB_JOBS_LOG"
 case "$name" in  # STUB_PAIR_SLEEP: the stage-one runs only (the overlap test)
   *stage_one*) sleep "${STUB_PAIR_SLEEP:-${STUB_SLEEP:-0.3}}" & wait $! ;;
   *) sleep "${STUB_SLEEP:-0.3}" & wait $! ;;
@@ -74,8 +75,13 @@ def test_runs_in_order_one_after_the_other(tmp_path):
 
 
 def test_side_by_side_overlaps_each_stage_one_pair_only(tmp_path):
-    proc, log = _pipeline(tmp_path, SIDE_BY_SIDE="1", STUB_PAIR_SLEEP="2")
+    jobs = tmp_path / "jobs.txt"
+    proc, log = _pipeline(tmp_path, SIDE_BY_SIDE="1", STUB_PAIR_SLEEP="2",
+                          STUB_JOBS_LOG=str(jobs))
     assert proc.returncode == 0, proc.stderr
+    # the pairs know they share the node (--num-workers auto halves their workers)
+    shares = dict(ln.split() for ln in jobs.read_text().splitlines())
+    assert shares == {name: "2" if "stage_one" in name else "unset" for name in ORDER}
     t = {(what, name): at for what, name, at in log}
     for stage in ("FlowNet_pretrain/stage_one", "SFC/stage_one"):
         u, r = f"{stage}/update", f"{stage}/reference"

@@ -77,3 +77,47 @@ def test_val_batch_size_must_be_positive(tmp_path, capsys):
     assert train.main(["--stage", "segnet", "--out", str(tmp_path / "r"),
                        "--val-batch-size", "0"]) == 2
     assert "--val-batch-size" in capsys.readouterr().err
+
+
+# ---- --num-workers auto ----------------------------------------------------------------------
+def test_num_workers_auto_by_hand(monkeypatch):
+    """auto: 4 on the CPU (at most the usable CPUs); on CUDA (usable CPUs / processes on the
+    node − 1) / loaders, in [1, 8]; a number is taken as given; anything else is a flag error
+    naming the flag."""
+    from sfc.flags import FlagError
+    from sfc.train.cli import resolve_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SFC_JOBS_PER_NODE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_workers("auto", "cpu", True) == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert resolve_workers("auto", "cpu", True) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_workers("auto", "cuda", True) == 7  # (16 − 1) // 2
+    assert resolve_workers("auto", "cuda:0", False) == 8  # 15, at most 8
+    monkeypatch.setenv("SFC_JOBS_PER_NODE", "2")
+    assert resolve_workers("auto", "cuda", True) == 3  # (8 − 1) // 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_workers("auto", "cuda", True) == 1  # (1 − 1) // 2, at least 1
+    assert resolve_workers("6", "cuda", True) == 6 and resolve_workers(0, "cpu", True) == 0
+    for bad in ("x", "-1", "2.5"):
+        with pytest.raises(FlagError, match=f"--num-workers {bad}: expected a number >= 0 "
+                                            "or auto"):
+            resolve_workers(bad, "cpu", True)
+
+
+def test_the_log_and_config_say_how_many_workers(tiny_data, tmp_path, monkeypatch):
+    from sfc import train
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+
+    out = tmp_path / "r"
+    args = [a for a in TINY_TRAIN]
+    args[args.index("--num-workers") + 1] = "auto"
+    assert train.main(["--stage", "segnet", "--imagenet-init", "none", "--data",
+                       str(tiny_data), "--out", str(out), *args, "--device", "cpu",
+                       "--iters", "1", "--eval-every", "1"]) == 0
+    assert "data loaders: 3 workers per loader (1 training loader)" in (
+        out / "log.txt").read_text()
+    assert json.loads((out / "config.json").read_text())["config"]["num_workers"] == 3

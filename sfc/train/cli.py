@@ -8,6 +8,7 @@ flag below defaults to the release's value. Later flags override earlier ones, s
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="validation clips per batch (default 1, the release's): eval mode uses the "
            "BatchNorm running statistics, so a larger batch gives the same predictions up to "
            "the convolutions' summation order, in fewer, larger kernels")
-    a("--num-workers", type=int, default=4, help="data-loader workers per loader")
+    a("--num-workers", default="auto", metavar="N|auto",
+      help="data-loader workers per loader; auto: on the CPU 4 (at most the usable CPUs), on "
+           "CUDA the CPUs this process "
+           "may use, shared by the training processes on this node (torchrun's "
+           "LOCAL_WORLD_SIZE, times SFC_JOBS_PER_NODE) less one, split over the training "
+           "loaders (source, and target for the SFC stages), between 1 and 8")
     a("--device", default=None, help="cuda / cpu (default: cuda:LOCAL_RANK if available)")
     a("--amp", choices=["none", "bf16"], default="none", help="autocast (CUDA); fp32 default")
     a("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
@@ -179,8 +185,7 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("iters", "eval_every", "log_every", "batch_size", "width", "val_limit",
                  "synthia_val_frames", "val_batch_size"):
         flags.check_number(args, name, low=1)
-    for name in ("num_workers", "warmup_iters", "weight_decay", "sfc_weight", "warmup_lr",
-                 "val_cache_gb"):
+    for name in ("warmup_iters", "weight_decay", "sfc_weight", "warmup_lr", "val_cache_gb"):
         flags.check_number(args, name, low=0)
     flags.check_number(args, "lr", low=0, low_open=True)
     flags.check_number(args, "scale", low=0, low_open=True)
@@ -199,6 +204,38 @@ def validate(args: argparse.Namespace) -> None:
                               "auto") from None
 
 
+AUTO_WORKERS_CPU = 4  # --num-workers auto on the CPU (the workers share the cores with training)
+AUTO_WORKERS_MAX = 8  # per loader: run 2's loaders needed 1-6 at its step times
+
+
+def resolve_workers(value, device, target: bool) -> int:
+    """`--num-workers N|auto` as a number (FlagError for anything else). auto: on the CPU 4 (at
+    most the usable CPUs); on
+    CUDA (usable CPUs / training processes on this node − 1) / training loaders, in [1, 8]. The
+    processes on a node: torchrun's LOCAL_WORLD_SIZE times SFC_JOBS_PER_NODE (set by
+    `SIDE_BY_SIDE=1 exp/pipeline.sh`, which runs two jobs at once). The workers change no
+    number: the datasets have no randomness and each epoch's order is the sampler's."""
+    if str(value) != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0 or str(n) != str(value).strip():
+            raise flags.FlagError(f"--num-workers {value}: expected a number >= 0 or auto")
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(dev).startswith("cuda"):
+        return min(AUTO_WORKERS_CPU, cpus)
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) * max(
+        1, int(os.environ.get("SFC_JOBS_PER_NODE", "1")))
+    loaders = 2 if target else 1
+    return max(1, min(AUTO_WORKERS_MAX, (cpus // procs - 1) // loaders))
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill stage/source-dependent defaults; check every flag and the inputs each stage needs
     (`sfc.flags.FlagError` names the flag)."""
@@ -211,6 +248,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.iters is None:  # the release's iterations for this stage and SFC weight (method §5)
         args.iters = ITERS[args.stage][args.sfc_weight > 0 and args.stage != "sfm"]
     validate(args)
+    args.num_workers = resolve_workers(args.num_workers, args.device, args.sfc_weight > 0
+                                       and args.stage != "sfm")
     args.num_classes = SOURCES[args.source]
     args.eval_ids = [int(i) for i in get_protocol(args.num_classes).eval_ids]
     if args.stage == "flownet":  # Flying Chairs: the files' own size unless asked

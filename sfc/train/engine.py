@@ -243,6 +243,9 @@ class Trainer:
         if data.target is not None:
             self.streams["target"] = TrainStream(data.target, cfg.batch_size, cfg.seed, 1, r, w,
                                                  cfg.num_workers, pin)
+        self.log.info(f"data loaders: {cfg.num_workers} workers per loader"
+                      + (f" ({len(self.streams)} training loader"
+                         f"{'s' if len(self.streams) != 1 else ''})" if cfg.num_workers else ""))
         val = data.val
         if cfg.val_limit is not None:
             val = Subset(val, range(min(cfg.val_limit, len(val))))
