@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sfc.models.deeplab import upsample_like
-from sfc.models.stacked import split_stacked, stacked
+from sfc.models.stacked import forward_pair
 
 AUX_WEIGHT = 0.1  # multi-level: main + 0.1 · aux (method §4)
 IGNORE = -1
@@ -211,11 +211,7 @@ def accel_pair(accel: nn.Module, seg_clip: torch.Tensor, flow_clip: torch.Tensor
     both stacked along the batch inside `stacked(2)` (sfc.models.stacked: each clip's own
     BatchNorm statistics and the running statistics moved in the same order — the same
     numbers within float rounding, in kernels of twice the work)."""
-    if not stack:
-        return accel(seg_clip, flow_clip), accel(seg_clip_2, flow_clip_2)
-    with stacked(2):
-        out = accel(torch.cat((seg_clip, seg_clip_2)), torch.cat((flow_clip, flow_clip_2)))
-    return tuple(split_stacked(out, 2))
+    return forward_pair(accel, (seg_clip, flow_clip), (seg_clip_2, flow_clip_2), stack)
 
 
 # Flying-Chairs pre-training of a FlowNetS (docs/flow.md): the multi-scale EPE of the common

@@ -117,6 +117,17 @@ def chunked_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, k: int) -> torch.Ten
     return y.contiguous(memory_format=torch.channels_last) if cl else y
 
 
+def forward_pair(fn, first: tuple, second: tuple, stack: bool):
+    """`fn(*first), fn(*second)` — one call after the other, or with `stack` one call on the
+    inputs concatenated along the batch inside `stacked(2)`, its output split back (the same
+    numbers; `fn`'s BatchNorms must be `StackableBatchNorm2d`)."""
+    if not stack:
+        return fn(*first), fn(*second)
+    with stacked(2):
+        out = fn(*(torch.cat((a, b)) for a, b in zip(first, second)))
+    return tuple(split_stacked(out, 2))
+
+
 def split_stacked(out, k: int):
     """A stacked forward's output (a tensor or a tuple of tensors, e.g. DeepLab's
     `(main, aux)`) as the k forwards' outputs: a list of k tensors or k tuples."""
@@ -126,5 +137,5 @@ def split_stacked(out, k: int):
     return list(out.chunk(k))
 
 
-__all__ = ["StackableBatchNorm2d", "chunked_batch_norm", "split_stacked", "stacked",
-           "stacked_chunks"]
+__all__ = ["StackableBatchNorm2d", "chunked_batch_norm", "forward_pair", "split_stacked",
+           "stacked", "stacked_chunks"]

@@ -25,7 +25,7 @@ from torch import nn
 from sfc import checkpoints, dist, flags, losses
 from sfc.evaluate.core import evaluate_accel, evaluate_segnet, evaluate_sfm
 from sfc.models import Accel, DeepLabV2, FlowNetS
-from sfc.models.stacked import split_stacked, stacked
+from sfc.models.stacked import forward_pair
 from sfc.train import inputs, optim
 from sfc.train.guard import FiniteGuard, NonFiniteLoss, resolve_every
 
@@ -294,11 +294,7 @@ class SegNetStage(Stage):
         """`net` on target frames t-1 and t, in this order (their BN statistics move so):
         two forwards, or with `--stack-forwards` one forward of both stacked along the batch
         with per-frame BatchNorm statistics (sfc.models.stacked: the same numbers)."""
-        if not self.stack:
-            return net(t_seg[:, :, -2]), net(t_seg[:, :, -1])
-        with stacked(2):
-            out = net(torch.cat((t_seg[:, :, -2], t_seg[:, :, -1])))
-        return tuple(split_stacked(out, 2))
+        return forward_pair(net, (t_seg[:, :, -2],), (t_seg[:, :, -1],), self.stack)
 
     def validate(self, loader, progress=True) -> dict:
         return evaluate_segnet(self.nets["segnet"], loader, self.cfg.num_classes,
