@@ -12,7 +12,8 @@
 #      (--check-every 50, the CUDA default): FLOPs, evaluation (4 images in one batch of 4,
 #      --val-batch-size, and one at a time), profiler counts                                110
 #   3. the backbone's dilated convolutions, native against space-to-batch (sfc.bench.convs:
-#      one convolution of layer3 / layer4 per input size, fp32 and bf16)                   20
+#      one convolution of layer3 / layer4 per input size, fp32, fp32 without TF32 — the cost
+#      of --tf32 off — and bf16)                                                            25
 #   4. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
 #      CUDA graph), and the two SFC kinds again with their target forwards stacked in one
 #      batch (--stack-forwards), counts — a process of its own: a failed capture cannot
@@ -26,7 +27,7 @@
 #      can overlap); the pipeline from the fastest row per stage kind of parts 2-7           50
 #   8. the same, alone and as 2 processes, under a private MPS control daemon where
 #      nvidia-cuda-mps-control exists (what MPS=1 SIDE_BY_SIDE=1 exp/pipeline.sh does; without
-#      MPS the device time-slices between processes); the pipeline again, with this row      50
+#      MPS the device time-slices between processes); the pipeline again, with this row      45
 # (limits sum to 480 s.) Not measured any more (docs/benchmark.md, 2026-12-04, run 2): checks
 # read at once (--check-every 1); bf16 eager (0.87-1.49x fp32); bf16 + channels_last eager (slower than fp32 in 4 of 5 stage
 # kinds: native channels-last BatchNorm); --compile default (SFC stage one bf16: 143.9 ms
@@ -58,7 +59,7 @@ else
   SIZE=()  # CUDA default: the faithful 1280×720 source, 1024×512 target, ResNet-101
   ITERS=(--iters 5 --warmup 2 --eval-images 1)
   REF_ITERS=(--iters 3 --warmup 1)
-  T=(65 110 20 85 65 35 50 50)
+  T=(65 110 25 85 65 35 50 45)
   CONVS=()
   PYTEST_MARK="cuda"
 fi
@@ -100,7 +101,7 @@ part bench_fp32 "${T[1]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@
   --eval-images 4 --eval-batch-size 4 --precision fp32 "${DEFER[@]}" --profile-counts \
   --json "$OUT/bench_fp32.json"
 part convs "${T[2]}" "$PY" -m sfc.bench.convs "${DEV[@]:0:2}" "${CONVS[@]}" \
-  --cudnn-benchmark --json "$OUT/bench_convs.json"
+  --cudnn-benchmark --precisions fp32 fp32-strict bf16 --json "$OUT/bench_convs.json"
 part bench_fp32_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --profile-counts \
   --stages segnet segnet_sfc accel accel_sfc --stack-forwards both \

@@ -8,7 +8,9 @@ and 3 in `layer4` (512 channels, dilation 4) per forward, on features at 1/8 of 
 160×90 for a 1280×720 VIPER frame, 128×64 for a 1024×512 Cityscapes one. This times one such
 convolution, batch 1, each way (`sfc.models.dilated`): the forward alone (the frozen backbones of
 the Accel stages) and forward + backward with input and weight gradients (the SegNet stages),
-in float32 (TF32 as PyTorch's defaults, recorded) and bfloat16, and checks that both ways give
+in float32 (TF32 as PyTorch's defaults, recorded), optionally float32 with TF32 off
+(`fp32-strict`: what `--tf32 off` costs a convolution) and bfloat16, and checks that both ways
+give
 the same output (relative error, printed). The last column extrapolates to one SegNet forward
 (23 + 3 convolutions); a SegNet stage runs 1–3 backbone forwards (+ backward) per iteration,
 an Accel stage 2–6 forwards.
@@ -33,7 +35,7 @@ SHAPES = (
     ("layer4 source", (1280, 720), 512, 4, 3),
     ("layer4 target", (1024, 512), 512, 4, 3),
 )
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp32-strict": torch.float32, "bf16": torch.bfloat16}
 
 
 def _conv(mode: str, d: int):
@@ -85,7 +87,13 @@ def run(device: torch.device, scale: float = 1.0, iters: int = 10, warmup: int =
         for name, size, ch, d, per_fwd in SHAPES:
             size = tuple(max(8 * d, int(round(s * scale))) for s in size)
             ch = max(8, int(round(ch * min(1.0, scale * 4))))
-            rec = measure_shape(device, size, ch, d, DTYPES[prec], iters, warmup)
+            old = torch.backends.cudnn.allow_tf32
+            if prec == "fp32-strict":  # --tf32 off: float32 convolutions without TF32
+                torch.backends.cudnn.allow_tf32 = False
+            try:
+                rec = measure_shape(device, size, ch, d, DTYPES[prec], iters, warmup)
+            finally:
+                torch.backends.cudnn.allow_tf32 = old
             rec.update(name=name, precision=prec, input_size=list(size), channels=ch,
                        dilation=d, per_segnet_forward=per_fwd)
             rows.append(rec)
@@ -128,6 +136,9 @@ def main(argv=None) -> int:
                    help="input sizes × this (channels too, below 0.25): a quick CPU check")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precisions", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
+                   help="fp32 (TF32 convolutions as PyTorch's default), fp32-strict (TF32 "
+                        "off: what --tf32 off costs), bf16")
     p.add_argument("--json", default=None, help="write the results here (and a .md table)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device here")
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    res = run(device, args.scale, args.iters, args.warmup)
+    res = run(device, args.scale, args.iters, args.warmup, dtypes=tuple(args.precisions))
     text = table(res)
     print(text)
     if args.json:
