@@ -15,9 +15,10 @@
 #      one convolution of layer3 / layer4 per input size, fp32, fp32 without TF32 — the cost
 #      of --tf32 off — and bf16)                                                            25
 #   4. the same four SegNet/Accel stage kinds with --cuda-graph (the whole iteration as one
-#      CUDA graph), and the two SFC kinds again with their target forwards stacked in one
-#      batch (--stack-forwards), counts — a process of its own: a failed capture cannot
-#      cost part 2                                                                          85
+#      CUDA graph), the two SFC kinds first, each apart and with its target forwards stacked
+#      in one batch (--stack-forwards; a limit that cuts the part short costs the non-SFC
+#      rows, which part 5 has in bf16), counts — a process of its own: a failed capture
+#      cannot cost part 2                                                                   85
 #   5. bf16 autocast, NCHW (cuDNN BatchNorm), foreach SGD: per stage kind a graph row (the
 #      SFM eager; a failed row is logged and the next one measured), counts                 65
 #   6. release-style reference vs project (SFC stage one), fp32, the project's graph step
@@ -104,7 +105,7 @@ part convs "${T[2]}" "$PY" -m sfc.bench.convs "${DEV[@]:0:2}" "${CONVS[@]}" \
   --cudnn-benchmark --precisions fp32 fp32-strict bf16 --json "$OUT/bench_convs.json"
 part bench_fp32_graph "${T[3]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision fp32 "${DEFER[@]}" --cuda-graph on --profile-counts \
-  --stages segnet segnet_sfc accel accel_sfc --stack-forwards both \
+  --stages segnet_sfc accel_sfc segnet accel --stack-forwards both \
   --json "$OUT/bench_fp32_graph.json"
 part bench_bf16 "${T[4]}" "$PY" -m sfc.bench "${DEV[@]}" "${SIZE[@]}" "${ITERS[@]}" \
   "${NOEVAL[@]}" --precision bf16 --foreach-sgd "${DEFER[@]}" --cuda-graph on \
