@@ -144,11 +144,16 @@ def test_to_tf32_rounds_to_ten_mantissa_bits_by_hand():
     want = torch.tensor([1 + u, 1.0, -(1 + u), 1 + 3 * u, 3.0, 0.0])
     got = to_tf32(x)
     assert torch.equal(got[:6], want)
+    # toward zero: the dropped bits cut off (1 + u/2 → 1, −(1 + u/2) → −1)
+    cut = to_tf32(x, "truncate")
+    assert torch.equal(cut[:6], torch.tensor([1.0, 1.0, -1.0, 1 + 3 * u, 3.0, 0.0]))
     assert got[6] == pytest.approx(1e30, rel=2 ** -11)
     m = got.view(torch.int32) & 0x1FFF  # the 13 dropped bits are zero
     assert int(m.abs().sum()) == 0
     with pytest.raises(ValueError, match="float32"):
         to_tf32(x.double())
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        to_tf32(x, "up")
 
 
 def test_tf32_convolutions_round_operands_and_the_output_gradient():
