@@ -101,6 +101,9 @@ def test_num_workers_auto_by_hand(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resolve_workers("auto", "cuda", True) == 1  # (1 − 1) // 2, at least 1
     assert resolve_workers("6", "cuda", True) == 6 and resolve_workers(0, "cpu", True) == 0
+    monkeypatch.setenv("SFC_JOBS_PER_NODE", "two")
+    with pytest.raises(FlagError, match="SFC_JOBS_PER_NODE='two' is not a number"):
+        resolve_workers("auto", "cuda", True)
     for bad in ("x", "-1", "2.5"):
         with pytest.raises(FlagError, match=f"--num-workers {bad}: expected a number >= 0 "
                                             "or auto"):

@@ -230,8 +230,13 @@ def resolve_workers(value, device, target: bool) -> int:
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not str(dev).startswith("cuda"):
         return min(AUTO_WORKERS_CPU, cpus)
-    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) * max(
-        1, int(os.environ.get("SFC_JOBS_PER_NODE", "1")))
+    procs = 1
+    for var in ("LOCAL_WORLD_SIZE", "SFC_JOBS_PER_NODE"):
+        try:
+            procs *= max(1, int(os.environ.get(var, "1")))
+        except ValueError:
+            raise flags.FlagError(f"--num-workers auto: {var}={os.environ[var]!r} is not a "
+                                  "number") from None
     loaders = 2 if target else 1
     return max(1, min(AUTO_WORKERS_MAX, (cpus // procs - 1) // loaders))
 
