@@ -210,11 +210,11 @@ AUTO_WORKERS_MAX = 8  # per loader: run 2's loaders needed 1-6 at its step times
 
 def resolve_workers(value, device, target: bool) -> int:
     """`--num-workers N|auto` as a number (FlagError for anything else). auto: on the CPU 4 (at
-    most the usable CPUs); on
-    CUDA (usable CPUs / training processes on this node − 1) / training loaders, in [1, 8]. The
-    processes on a node: torchrun's LOCAL_WORLD_SIZE times SFC_JOBS_PER_NODE (set by
-    `SIDE_BY_SIDE=1 exp/pipeline.sh`, which runs two jobs at once). The workers change no
-    number: the datasets have no randomness and each epoch's order is the sampler's."""
+    most the usable CPUs); on CUDA (usable CPUs / training processes on this node − 1) /
+    training loaders, in [1, 8]. The processes on a node: torchrun's LOCAL_WORLD_SIZE times
+    SFC_JOBS_PER_NODE (set by `SIDE_BY_SIDE=1 exp/pipeline.sh`, which runs two jobs at once).
+    The workers change no number: the datasets have no randomness and each epoch's order is
+    the sampler's."""
     if str(value) != "auto":
         try:
             n = int(value)
