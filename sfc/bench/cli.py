@@ -222,21 +222,16 @@ def _fastest(rows: list[dict]) -> dict:
     return out
 
 
-def _modes(kind: str, graph_modes: tuple[bool, ...]) -> tuple[bool, ...]:
-    """The `--cuda-graph` modes measured for `kind`: with "both", a kind the engine does not
-    capture gets its eager row only (with "on" its one row is eager anyway)."""
-    if False in graph_modes and not steps.capturable(kind):
-        return (False,)
-    return graph_modes
+# an off|on|both flag of the bench as the settings measured
+SWITCH_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
-def _stack_modes(args, kind: str) -> tuple[bool, ...]:
-    """The `--stack-forwards` modes measured for `kind`: stacking changes only the SFC kinds
-    (the others get one row)."""
-    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.stack_forwards]
-    if kind not in steps.STACKING_KINDS:
-        return modes[:1]
-    return modes
+def _modes(modes: tuple[bool, ...], applies: bool) -> tuple[bool, ...]:
+    """The settings of an off|on|both switch measured for one stage kind: all where the switch
+    `applies` to the kind, else the first only — one row, which the switch does not change
+    (`--cuda-graph` for a kind the engine does not capture, `--stack-forwards` for a kind
+    without the SFC term)."""
+    return modes if applies else modes[:1]
 
 
 def _side_modes(args, kind: str, graph: bool) -> tuple[str, ...]:
@@ -290,7 +285,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
-    graph_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graph]
+    graph_modes = SWITCH_MODES[args.cuda_graph]
+    stack_modes = SWITCH_MODES[args.stack_forwards]
     if args.cuda_graph != "off" and resolve_every(args.check_every, args.device) == 1:
         raise SystemExit("--cuda-graph needs the deferred checks: --check-every N > 1")
     if args.eval_batch_size < 1:
@@ -319,8 +315,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sfc-bench-") as ckpt_dir:
         for prec in args.precision:
             for kind in args.stages:
-                for graph, stack in ((g, st) for g in _modes(kind, graph_modes)
-                                     for st in _stack_modes(args, kind)):
+                for graph, stack in (
+                        (g, st) for g in _modes(graph_modes, steps.capturable(kind))
+                        for st in _modes(stack_modes, kind in steps.STACKING_KINDS)):
                     bc = config(prec, foreach_sgd=args.foreach_sgd, compile=args.compile,
                                 cuda_graph=graph, stack_forwards=stack)
                     name = f"{kind} {prec}{' graph' if graph else ''}{' stacked' if stack else ''}"
@@ -368,8 +365,9 @@ def main(argv=None) -> int:
             _write(res, args.json)
         if args.reference:
             for kind, graph, stack in ((k, g, st) for k in args.reference_stages
-                                       for g in _modes(k, graph_modes)
-                                       for st in _stack_modes(args, k)):
+                                       for g in _modes(graph_modes, steps.capturable(k))
+                                       for st in _modes(stack_modes,
+                                                        k in steps.STACKING_KINDS)):
                 bc = config("fp32", cuda_graph=graph, stack_forwards=stack)
                 what = f"{kind}{' graph' if graph else ''}{' stacked' if stack else ''}"
                 log(f"[bench] reference {what} fp32 source {src} target {tgt} ...")

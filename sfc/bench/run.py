@@ -76,7 +76,7 @@ def _setup(kind: str, bc: steps.BenchConfig, stage, runner, dev: torch.device) -
             "foreach_sgd": bc.foreach_sgd, "source_prev_forward": bc.source_prev_forward,
             "compile": bc.compile, "check_every": stage.guard.every,
             "cuda_graph": steps.graph_label(runner, dev), "dilated_impl": get_dilated_impl(),
-            "stack_forwards": bool(getattr(stage, "stack", False))}
+            "stack_forwards": stage.stack}
 
 
 SIDE_BY_SIDE_TIMEOUT_S = 600.0
@@ -301,7 +301,7 @@ def measure_reference(kind: str, bc: steps.BenchConfig, iters: int, warmup: int,
     sp, sr = measure.median(t_proj), measure.median(t_ref)
     return {"kind": kind, "precision": bc.precision, "source_size": list(bc.source_size),
             "cuda_graph": steps.graph_label(runner, dev),
-            "stack_forwards": bool(getattr(stage, "stack", False)),
+            "stack_forwards": stage.stack,
             "source_prev_forward": bc.source_prev_forward, "threads": torch.get_num_threads(),
             "target_size": list(bc.target_size), "project_step_s": sp, "reference_step_s": sr,
             "project_times_s": t_proj, "reference_times_s": t_ref,
