@@ -58,7 +58,7 @@ from sfc.models.dilated import set_dilated_impl
 from sfc.train import graphed, runio, tb_pictures
 from sfc.train.guard import NonFiniteLoss
 from sfc.train.progress import make_progress
-from sfc.train.stages import build_stage
+from sfc.train.stages import build_stage, stacks_forwards
 from sfc.train.streams import (
     JOB_SIGNALS,
     SignalSafeLoader,
@@ -140,8 +140,7 @@ def precision_line(cfg, device) -> str:
     s2b = ("; dilated convolutions on the space-to-batch view (--dilated-impl s2b)"
            if getattr(cfg, "dilated_impl", "native") == "s2b" else "")
     stack = ("; the SFC term's two target forwards stacked in one batch (--stack-forwards)"
-             if getattr(cfg, "stack_forwards", False) and getattr(cfg, "sfc_weight", 0) > 0
-             else "")
+             if stacks_forwards(cfg) else "")
     return f"autocast {amp}; {tf}{where}{s2b}{stack}"
 
 
@@ -724,7 +723,7 @@ def apply_precision(cfg) -> None:
                      "compile": getattr(cfg, "compile", "none"),
                      "cuda_graph": bool(getattr(cfg, "cuda_graph", False)),
                      "dilated_impl": getattr(cfg, "dilated_impl", "native"),
-                     "stack_forwards": bool(getattr(cfg, "stack_forwards", False)),
+                     "stack_forwards": stacks_forwards(cfg),
                      "sfc_term": ("float32" if getattr(cfg, "sfc_precision", "float32") ==
                                   "float32" else getattr(cfg, "amp", None) or "none"),
                      "tf32_conv": bool(torch.backends.cudnn.allow_tf32),

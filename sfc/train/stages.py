@@ -57,6 +57,12 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def stacks_forwards(cfg) -> bool:
+    """Whether the run stacks its two target forwards (`--stack-forwards`, sfc.models.stacked):
+    asked for, and an SFC stage (BN control included); elsewhere the flag changes nothing."""
+    return bool(getattr(cfg, "stack_forwards", False)) and getattr(cfg, "sfc_weight", 0) > 0
+
+
 class Stage:
     kind = ""
     monitor = "miou"  # or "epe"
@@ -73,8 +79,7 @@ class Stage:
         self.sfc = cfg.sfc_weight > 0
         # the control run: the SFC stage's target forwards without its loss (issue 12)
         self.bn_control = bool(getattr(cfg, "bn_control", False)) and self.sfc
-        # --stack-forwards: an SFC stage's two target forwards as one batch (sfc.models.stacked)
-        self.stack = bool(getattr(cfg, "stack_forwards", False)) and self.sfc
+        self.stack = stacks_forwards(cfg)
         # the finiteness checks (sfc.train.guard): read at once, or flags on the device
         self.guard = FiniteGuard(device, resolve_every(getattr(cfg, "check_every", "auto"),
                                                        device))
