@@ -39,8 +39,9 @@ KIND_STAGE = {"segnet": ("segnet", 0.0), "segnet_sfc": ("segnet", 0.005),
 USES_TARGET = {"segnet": False, "segnet_sfc": True, "accel": False, "accel_sfc": True,
                "sfm": False}
 NUM_CLASSES = 15  # VIPER → Cityscapes
-# bench kinds whose step `--stack-forwards` changes (the SFC stages' two target forwards)
-STACKING_KINDS = ("segnet_sfc", "accel_sfc")
+# bench kinds whose step `--stack-forwards` changes: the SFC stages (sfc.train.stages.
+# stacks_forwards), whose two target forwards it stacks
+STACKING_KINDS = tuple(k for k, (_, sfc_weight) in KIND_STAGE.items() if sfc_weight > 0)
 
 
 @dataclass
